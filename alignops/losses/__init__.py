@@ -1,0 +1,15 @@
+"""The loss catalog on log-probs (shared SPEC §2-§11).
+
+Every loss is a short function of per-sequence (or per-token) log-probs, so cached
+reference log-probs plug in unchanged. Each returns a NamedTuple with the reduced
+``loss``, the per-example ``losses`` and the metrics people log.
+"""
+
+from .dpo import *  # noqa: F401,F403
+from .reference_free import *  # noqa: F401,F403
+from .binary import *  # noqa: F401,F403
+from .listwise import *  # noqa: F401,F403
+from .negative import *  # noqa: F401,F403
+from .online import *  # noqa: F401,F403
+from .reward import *  # noqa: F401,F403
+from .rl import *  # noqa: F401,F403
