@@ -1,0 +1,28 @@
+"""The ``alignops`` command: ``alignops bench ...`` and ``alignops kernels --arch ...``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="alignops", description=__doc__)
+    parser.add_argument("command", choices=["bench", "kernels"], help="what to run")
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    args, rest = parser.parse_known_args(argv[:1])
+    rest = argv[1:]
+    if args.command == "bench":
+        from alignops.bench.cli import main as bench_main
+
+        return int(bench_main(rest) or 0)
+    from alignops.build_report import main as report_main
+
+    return int(report_main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
