@@ -1,31 +1,247 @@
-"""TEMPORARY: reference-backed public API; replaced by the fused engine shortly."""
+"""Fused linear log-probs and cross-entropy: the public API (SPEC §1.1, §3).
+
+``linear_logprobs(hidden, weight, targets)`` computes, per token,
+``log_softmax(hidden @ weight.T + bias)[target]`` (and on request the entropy and the
+log-sum-exp) without ever building the ``[N, V]`` logits, forward or backward.
+``linear_cross_entropy`` is ``F.cross_entropy((hidden @ weight.T).float(), targets)`` with
+label smoothing, z-loss, soft-capping, temperature and a global ``num_items`` normaliser,
+composed from the same per-token outputs (not a second engine).
+
+CUDA tensors run the Triton kernels of ``alignops.kernels.linear_logprobs``; every other
+device runs the chunked PyTorch engine of ``alignops._cpu``. Setting
+``ALIGNOPS_BACKEND=triton`` forces the Triton path (with ``TRITON_INTERPRET=1`` it runs
+on the CPU: that is how the kernels are tested without a GPU); ``ALIGNOPS_BACKEND=torch``
+forces the PyTorch engine everywhere.
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import os
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 import torch
 
-from .reference import cross_entropy_ref, linear_cross_entropy_ref, linear_logprobs_ref
+from . import _cpu
+from ._validate import check_common, check_targets_in_range
+
+Reduction = Literal["none", "sum", "mean"]
+_REDUCTIONS = ("none", "sum", "mean")
 
 
 class LogProbsOutput(NamedTuple):
+    """Per-token outputs of :func:`linear_logprobs`, each float32 with the targets' shape.
+
+    logps:   ``log p(target)``; exactly 0 at ignored positions.
+    entropy: ``H(p)`` of the full next-token distribution, or ``None`` unless requested.
+    lse:     ``log sum_v exp(z_v)``, or ``None`` unless requested.
+    """
+
     logps: torch.Tensor
     entropy: torch.Tensor | None
     lse: torch.Tensor | None
 
 
-def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, temperature=1.0,
-                    softcap=None, return_entropy=False, return_lse=False):
-    lp, ent, lse = linear_logprobs_ref(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
-                                       temperature=temperature, softcap=softcap)
-    return LogProbsOutput(lp.float(), ent.float() if return_entropy else None,
-                          lse.float() if return_lse else None)
+@dataclass(frozen=True)
+class _Params:
+    ignore_index: int
+    temperature: float
+    softcap: float | None
+    need_entropy: bool
+    need_zmean: bool
 
 
-def linear_cross_entropy(hidden, weight, targets, **kw):
-    return linear_cross_entropy_ref(hidden, weight, targets, **kw)
+def _use_triton(t: torch.Tensor) -> bool:
+    backend = os.environ.get("ALIGNOPS_BACKEND", "auto").lower()
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        return True
+    return t.is_cuda
 
 
-def cross_entropy(logits, targets, **kw):
-    return cross_entropy_ref(logits, targets, **kw)
+def _engine(t: torch.Tensor):
+    if _use_triton(t):
+        from .kernels import linear_logprobs as triton_engine
+
+        return triton_engine
+    return _cpu
+
+
+class LinearLogProbsFunction(torch.autograd.Function):
+    """Autograd wrapper: forward keeps only O(N) statistics; backward recomputes logit
+    tiles (``hidden``, ``weight``, ``bias`` are saved by reference, not copied)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, params: _Params):
+        eng = _engine(hidden)
+        logp, lse, ent, zmean = eng.linear_logprobs_fwd(
+            hidden,
+            weight,
+            targets,
+            bias,
+            ignore_index=params.ignore_index,
+            temperature=params.temperature,
+            softcap=params.softcap,
+            need_entropy=params.need_entropy,
+            need_zmean=params.need_zmean,
+        )
+        ctx.params = params
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
+        return logp, ent, lse, zmean
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent, g_lse, g_zmean):
+        hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+        p: _Params = ctx.params
+        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+        if all(g is None for g in (g_logp, g_ent, g_lse, g_zmean)):
+            return None, None, None, None, None
+        eng = _engine(hidden)
+        dh, dw, db = eng.linear_logprobs_bwd(
+            hidden,
+            weight,
+            targets,
+            bias,
+            lse,
+            ent,
+            g_logp=g_logp,
+            g_ent=g_ent,
+            g_lse=g_lse,
+            g_zmean=g_zmean,
+            ignore_index=p.ignore_index,
+            temperature=p.temperature,
+            softcap=p.softcap,
+            need_dhidden=need_dh,
+            need_dweight=need_dw,
+            need_dbias=need_db and bias is not None,
+        )
+        return dh, dw, db, None, None
+
+
+@torch.compiler.disable
+def _apply(hidden2d, weight, bias, targets1d, params):
+    return LinearLogProbsFunction.apply(hidden2d, weight, bias, targets1d, params)
+
+
+def _flatten(hidden: torch.Tensor, targets: torch.Tensor):
+    h = hidden.reshape(-1, hidden.shape[-1]) if hidden.dim() != 2 else hidden
+    if h.numel() and h.stride(-1) != 1:
+        raise ValueError("hidden must be contiguous in its last dimension (row strides may be anything)")
+    return h, targets.reshape(-1)
+
+
+def _stats(hidden, weight, targets, bias, *, ignore_index, temperature, softcap, need_entropy, need_zmean):
+    check_common(hidden, weight, targets, bias, temperature=temperature, softcap=softcap)
+    check_targets_in_range(targets, weight.shape[0], ignore_index)
+    h2, t1 = _flatten(hidden, targets)
+    params = _Params(int(ignore_index), float(temperature), None if softcap is None else float(softcap),
+                     bool(need_entropy), bool(need_zmean))
+    logp, ent, lse, zmean = _apply(h2, weight, bias, t1, params)
+    shape = targets.shape
+    return (
+        logp.view(shape),
+        None if ent is None else ent.view(shape),
+        lse.view(shape),
+        None if zmean is None else zmean.view(shape),
+    )
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    return_entropy: bool = False,
+    return_lse: bool = False,
+) -> LogProbsOutput:
+    """Per-token log-probabilities of ``targets`` under ``softcap(hidden @ weight.T + bias) / T``.
+
+    Args:
+        hidden:  ``[..., H]`` last hidden states (any leading dims; bf16 / fp16 / fp32 / fp64).
+        weight:  ``[V, H]`` LM-head weight, same dtype family and device as ``hidden``.
+        targets: ``[...]`` int64 token ids (the leading dims of ``hidden``), or ``ignore_index``.
+        bias:    optional ``[V]``.
+        temperature: divides the (soft-capped) logits; must be > 0 (SPEC §1.1 order).
+        softcap: Gemma-2 style ``c * tanh(z / c)`` before the temperature, or ``None``.
+        return_entropy / return_lse: also return those per-token values.
+
+    Returns:
+        ``LogProbsOutput(logps, entropy, lse)``, float32 (float64 for float64 inputs) with
+        ``targets.shape``; exactly 0 at ignored positions. Differentiable with respect to
+        ``hidden``, ``weight`` and ``bias`` for any combination of upstream gradients.
+    """
+    logp, ent, lse, _ = _stats(hidden, weight, targets, bias, ignore_index=ignore_index,
+                               temperature=temperature, softcap=softcap, need_entropy=return_entropy,
+                               need_zmean=False)
+    return LogProbsOutput(logp, ent if return_entropy else None, lse if return_lse else None)
+
+
+def _ce_from_stats(logp, lse, zmean, valid, *, reduction, label_smoothing, z_loss, num_items):
+    """SPEC §3.1: ``(1-eps) * (-logp) + eps * (lse - zbar) + c_z * lse^2``, then §3.2 / §3.3."""
+    ce = -logp if label_smoothing == 0.0 else -(1.0 - label_smoothing) * logp + label_smoothing * (lse - zmean)
+    if z_loss != 0.0:
+        ce = ce + z_loss * lse * lse
+    # ignored rows are already exactly 0 in logp / lse / zmean
+    if reduction == "none":
+        return ce
+    total = ce.sum()
+    if num_items is not None:
+        return total / num_items
+    if reduction == "sum":
+        return total
+    return total / valid.sum().clamp(min=1)
+
+
+def _check_ce_options(reduction, label_smoothing, z_loss, num_items):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if z_loss < 0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    if num_items is not None and reduction == "none":
+        raise ValueError("num_items normalises a reduced loss; it cannot be used with reduction='none'")
+    if isinstance(num_items, (int, float)) and num_items <= 0:
+        raise ValueError(f"num_items must be > 0, got {num_items}")
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    num_items: int | float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of ``targets`` under ``hidden @ weight.T + bias`` without ``[N, V]`` logits.
+
+    Equals ``F.cross_entropy((hidden @ weight.T).float(), targets, ...)`` plus the SPEC §3.1
+    extras: ``label_smoothing`` (PyTorch / HF semantics, uniform part includes the target),
+    ``z_loss`` (PaLM ``c_z * lse^2``), ``softcap`` and ``temperature``.
+
+    Reductions (SPEC §3.2 / §3.3): ``"none"`` returns per-token losses with ``targets.shape``
+    (0 at ignored positions); ``"sum"``; ``"mean"`` divides by the number of non-ignored
+    tokens clamped to >= 1, so an all-ignored or empty batch gives exactly 0 (finite, with
+    zero gradient). ``num_items`` (int, float or 0-d tensor) divides the sum by a global
+    token count instead: gradient accumulation over micro-batches and ranks (no further
+    averaging; without it the caller must divide by the number of micro-batches).
+    """
+    _check_ce_options(reduction, label_smoothing, z_loss, num_items)
+    logp, _, lse, zmean = _stats(hidden, weight, targets, bias, ignore_index=ignore_index,
+                                 temperature=temperature, softcap=softcap, need_entropy=False,
+                                 need_zmean=label_smoothing != 0.0)
+    valid = targets != ignore_index
+    return _ce_from_stats(logp, lse, zmean, valid, reduction=reduction, label_smoothing=label_smoothing,
+                          z_loss=z_loss, num_items=num_items)
