@@ -5,7 +5,6 @@ every other device runs a chunked PyTorch engine with the same math and memory b
 """
 
 from .linear_logprobs import (
-    LinearLogProbsFunction,
     LogProbsOutput,
     linear_cross_entropy,
     linear_logprobs,
@@ -19,7 +18,6 @@ except ImportError:  # pragma: no cover
 __version__ = "0.1.0"
 
 __all__ = [
-    "LinearLogProbsFunction",
     "LogProbsOutput",
     "cross_entropy",
     "linear_cross_entropy",

@@ -16,14 +16,12 @@ forces the PyTorch engine everywhere.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
 
-from . import _cpu
-from ._validate import check_common, check_targets_in_range
+from ._ops import linear_logprobs_fwd_op
+from ._validate import check_common
 
 Reduction = Literal["none", "sum", "mean"]
 _REDUCTIONS = ("none", "sum", "mean")
@@ -42,89 +40,6 @@ class LogProbsOutput(NamedTuple):
     lse: torch.Tensor | None
 
 
-@dataclass(frozen=True)
-class _Params:
-    ignore_index: int
-    temperature: float
-    softcap: float | None
-    need_entropy: bool
-    need_zmean: bool
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    backend = os.environ.get("ALIGNOPS_BACKEND", "auto").lower()
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        return True
-    return t.is_cuda
-
-
-def _engine(t: torch.Tensor):
-    if _use_triton(t):
-        from .kernels import linear_logprobs as triton_engine
-
-        return triton_engine
-    return _cpu
-
-
-class LinearLogProbsFunction(torch.autograd.Function):
-    """Autograd wrapper: forward keeps only O(N) statistics; backward recomputes logit
-    tiles (``hidden``, ``weight``, ``bias`` are saved by reference, not copied)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, params: _Params):
-        eng = _engine(hidden)
-        logp, lse, ent, zmean = eng.linear_logprobs_fwd(
-            hidden,
-            weight,
-            targets,
-            bias,
-            ignore_index=params.ignore_index,
-            temperature=params.temperature,
-            softcap=params.softcap,
-            need_entropy=params.need_entropy,
-            need_zmean=params.need_zmean,
-        )
-        ctx.params = params
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
-        return logp, ent, lse, zmean
-
-    @staticmethod
-    def backward(ctx, g_logp, g_ent, g_lse, g_zmean):
-        hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
-        p: _Params = ctx.params
-        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
-        if all(g is None for g in (g_logp, g_ent, g_lse, g_zmean)):
-            return None, None, None, None, None
-        eng = _engine(hidden)
-        dh, dw, db = eng.linear_logprobs_bwd(
-            hidden,
-            weight,
-            targets,
-            bias,
-            lse,
-            ent,
-            g_logp=g_logp,
-            g_ent=g_ent,
-            g_lse=g_lse,
-            g_zmean=g_zmean,
-            ignore_index=p.ignore_index,
-            temperature=p.temperature,
-            softcap=p.softcap,
-            need_dhidden=need_dh,
-            need_dweight=need_dw,
-            need_dbias=need_db and bias is not None,
-        )
-        return dh, dw, db, None, None
-
-
-@torch.compiler.disable
-def _apply(hidden2d, weight, bias, targets1d, params):
-    return LinearLogProbsFunction.apply(hidden2d, weight, bias, targets1d, params)
-
-
 def _flatten(hidden: torch.Tensor, targets: torch.Tensor):
     h = hidden.reshape(-1, hidden.shape[-1]) if hidden.dim() != 2 else hidden
     if h.numel() and h.stride(-1) != 1:
@@ -134,17 +49,17 @@ def _flatten(hidden: torch.Tensor, targets: torch.Tensor):
 
 def _stats(hidden, weight, targets, bias, *, ignore_index, temperature, softcap, need_entropy, need_zmean):
     check_common(hidden, weight, targets, bias, temperature=temperature, softcap=softcap)
-    check_targets_in_range(targets, weight.shape[0], ignore_index)
     h2, t1 = _flatten(hidden, targets)
-    params = _Params(int(ignore_index), float(temperature), None if softcap is None else float(softcap),
-                     bool(need_entropy), bool(need_zmean))
-    logp, ent, lse, zmean = _apply(h2, weight, bias, t1, params)
+    logp, lse, ent, zmean = linear_logprobs_fwd_op(
+        h2, weight, bias, t1, int(ignore_index), float(temperature),
+        None if softcap is None else float(softcap), bool(need_entropy), bool(need_zmean),
+    )
     shape = targets.shape
     return (
         logp.view(shape),
-        None if ent is None else ent.view(shape),
+        ent.view(shape) if need_entropy else None,
         lse.view(shape),
-        None if zmean is None else zmean.view(shape),
+        zmean.view(shape) if need_zmean else None,
     )
 
 

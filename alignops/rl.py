@@ -17,6 +17,7 @@ mask ``m`` (``1`` = scored token); masked positions never leak NaN or Inf into v
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
@@ -32,6 +33,7 @@ __all__ = [
     "ppo_loss_from_hidden",
     "ppo_rewards",
     "rloo_advantages",
+    "sampling_importance_ratio",
     "truncated_mask",
     "whiten",
 ]
@@ -287,6 +289,43 @@ def truncated_mask(
         stops.append(pad_token_id)
     is_stop = torch.isin(last_tok, torch.tensor(stops, dtype=last_tok.dtype, device=last_tok.device))
     return m.any(dim=-1) & ~is_stop
+
+
+_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def sampling_importance_ratio(
+    old_logps: torch.Tensor,
+    sampling_logps: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "sequence_mask",
+    clip_min: float | None = None,
+    clip_max: float | None = 3.0,
+) -> torch.Tensor:
+    """Sampler-mismatch correction ``rho_IS = exp(old_logps - sampling_logps)`` (SPEC §5.3; TRL vLLM IS).
+
+    ``old_logps`` (trainer's log-probs of the sampled tokens), ``sampling_logps`` (the inference
+    engine's), ``mask``: ``[B, T]``. ``token_*`` modes give ``[B, T]`` ratios, ``sequence_*``
+    modes ``[B, 1]`` (exp of the summed difference). ``*_truncate`` clamps to
+    ``[clip_min, clip_max]``; ``*_mask`` sets ratios outside the range to 0 (drops them). Masked
+    positions and NaN sampler log-probs count as no mismatch (ratio 1 before truncation / masking).
+    Defaults as TRL ``GRPOConfig``. Pass the result to ``grpo_loss(importance_sampling_ratio=...)``.
+    """
+    _check_choice("mode", mode, _IS_MODES)
+    _check_same_shape("old_logps", old_logps, sampling_logps=sampling_logps, mask=mask)
+    dt = _compute_dtype(old_logps, sampling_logps)
+    m = mask.bool()
+    diff = torch.nan_to_num(old_logps.to(dt) - sampling_logps.to(dt), nan=0.0)
+    diff = torch.where(m, diff, torch.zeros((), dtype=dt, device=diff.device))
+    if mode.startswith("sequence"):
+        diff = diff.sum(dim=-1, keepdim=True)
+    ratio = torch.exp(diff).detach()
+    if mode.endswith("truncate"):
+        return ratio.clamp(min=clip_min, max=clip_max)
+    lo = -math.inf if clip_min is None else clip_min
+    hi = math.inf if clip_max is None else clip_max
+    return ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)
 
 
 # --------------------------------------------------------------------------------------------

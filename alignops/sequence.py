@@ -181,7 +181,8 @@ def reduce_packed(
     zero = x64.new_zeros(1)
     prefix = torch.cat([zero, torch.cumsum(x64, 0)])
     sums = (prefix[cu[1:]] - prefix[cu[:-1]]).to(out_dtype)
-    cprefix = torch.cat([torch.zeros(1, dtype=torch.int64, device=x.device), torch.cumsum(mask.to(torch.int64), 0)])
+    izero = torch.zeros(1, dtype=torch.int64, device=x.device)
+    cprefix = torch.cat([izero, torch.cumsum(mask.to(torch.int64), 0)])
     counts = cprefix[cu[1:]] - cprefix[cu[:-1]]
     return _finish(sums, counts, None)
 
@@ -343,12 +344,15 @@ def sequence_logprobs(
         raise ValueError(f"labels must be [B, T] (or packed [N] / [1, N]), got shape {tuple(labels.shape)}")
     if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(labels.shape):
         raise ValueError(
-            f"hidden must be [B, T, H] matching labels [B, T] = {tuple(labels.shape)}, got {tuple(hidden.shape)}"
+            f"hidden must be [B, T, H] matching labels [B, T] = {tuple(labels.shape)}, "
+            f"got {tuple(hidden.shape)}"
         )
     if packed and labels.shape[0] != 1:
         raise ValueError(f"packed sequences are one row [1, N], got {labels.shape[0]} rows")
     if loss_mask is not None and loss_mask.shape != labels.shape:
-        raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} must equal labels shape {tuple(labels.shape)}")
+        raise ValueError(
+            f"loss_mask shape {tuple(loss_mask.shape)} must equal labels shape {tuple(labels.shape)}"
+        )
     b, t = labels.shape
     if shift and t < 1:
         raise ValueError("shift=True needs at least one position")
@@ -361,7 +365,10 @@ def sequence_logprobs(
     cu = None
     if packed:
         n = labels.shape[1]
-        cu = cu_seqlens_from_position_ids(position_ids) if cu_seqlens is None else _check_cu_seqlens(cu_seqlens, n)
+        if cu_seqlens is None:
+            cu = cu_seqlens_from_position_ids(position_ids)
+        else:
+            cu = _check_cu_seqlens(cu_seqlens, n)
         cu = cu.to(labels.device)
     if shift:
         pad = targets.new_full((b, 1), ignore_index)
@@ -373,7 +380,13 @@ def sequence_logprobs(
             targets = targets.masked_fill(nxt_start[1:].unsqueeze(0), ignore_index)
 
     logps = linear_logprobs(
-        hidden, weight, targets, bias=bias, ignore_index=ignore_index, temperature=temperature, softcap=softcap
+        hidden,
+        weight,
+        targets,
+        bias=bias,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        softcap=softcap,
     ).logps
     mask = targets != ignore_index
     if shift:

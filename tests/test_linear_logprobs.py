@@ -300,7 +300,7 @@ def test_torch_compile_training_step():
         lp = alignops.linear_logprobs(h_, w_, y, bias=b_, return_entropy=True)
         return (lp.logps * 0.5).sum() + lp.entropy.mean() + alignops.linear_cross_entropy(h_, w_, y, bias=b_)
 
-    compiled = torch.compile(step, backend="aot_eager")
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     out_c = compiled(hid, w, b)
     g_c = torch.autograd.grad(out_c, (hid, w, b))
     out_e = step(hid, w, b)

@@ -1,1 +1,225 @@
-__all__: list[str] = []
+"""Binary / unpaired feedback losses (SPEC §8): KTO, BCO, DRO.
+
+Desirable ("chosen") and undesirable ("rejected") samples are *unpaired*: their batches may differ
+in size, either may be empty. Inputs are per-sequence summed completion log-probs ``[N_D]`` /
+``[N_U]`` for the policy and the reference. ``losses`` is ``[N_D + N_U]``, desirable first (TRL's
+order), and ``loss`` is its mean (TRL's ``nanmean``; an empty batch gives a differentiable 0).
+Arithmetic is float32 (float64 stays float64).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from ._common import LossOutput
+from .reference_free import _check_choice, _compute, _vec
+
+__all__ = ["kto_loss", "bco_loss", "dro_loss", "RewardRunningMean", "udm_weights"]
+
+
+def _unpaired(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    p_w = _vec("policy_chosen_logps", policy_chosen_logps)
+    p_l = _vec("policy_rejected_logps", policy_rejected_logps)
+    r_w = _vec("ref_chosen_logps", ref_chosen_logps, p_w.shape[0])
+    r_l = _vec("ref_rejected_logps", ref_rejected_logps, p_l.shape[0])
+    return p_w, p_l, r_w, r_l
+
+
+def _unpaired_metrics(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """TRL KTO/BCO logs: means per side, margins only when both sides are present."""
+    metrics: dict[str, torch.Tensor] = {}
+    if chosen_rewards.numel():
+        metrics["rewards/chosen"] = chosen_rewards.detach().mean()
+        metrics["logps/chosen"] = chosen_logps.detach().mean()
+    if rejected_rewards.numel():
+        metrics["rewards/rejected"] = rejected_rewards.detach().mean()
+        metrics["logps/rejected"] = rejected_logps.detach().mean()
+    if chosen_rewards.numel() and rejected_rewards.numel():
+        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    return metrics
+
+
+def _mean_or_zero(losses: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    return losses.mean() if losses.numel() else anchor.sum() * 0.0
+
+
+_KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
+def kto_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    policy_kl_logps: torch.Tensor | None = None,
+    ref_kl_logps: torch.Tensor | None = None,
+    kl: torch.Tensor | float | None = None,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    loss_type: Literal["kto", "apo_zero_unpaired"] = "kto",
+) -> LossOutput:
+    """KTO (SPEC §8.1, TRL ``KTOTrainer``) and its ``apo_zero_unpaired`` variant.
+
+    ``u = S_θ - S_ref`` per sample (desirable ``[N_D]``, undesirable ``[N_U]``).
+    Reference point ``z0 = clamp_min(mean_j (S_θ(y'_j|x_j) - S_ref(y'_j|x_j)), 0)``, detached, from
+    the mismatched pairs (completions rotated by one within the batch): pass their log-probs
+    ``policy_kl_logps`` / ``ref_kl_logps`` ``[M]``, or pass ``kl`` directly (e.g. already averaged
+    over ranks, as TRL does; it is clamped at 0 too).
+    ``kto``: desirable ``λ_D σ(-β(u - z0))``, undesirable ``λ_U σ(-β(z0 - u))``.
+    ``apo_zero_unpaired``: desirable ``λ_D σ(-βu)``, undesirable ``λ_U σ(βu)``, no z0.
+    Defaults are TRL's (β=0.1, λ_D=λ_U=1). Metrics: ``kl`` (z0), ``rewards/chosen`` (mean ``βu``
+    of desirable), ``rewards/rejected``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``.
+    """
+    _check_choice("loss_type", loss_type, _KTO_LOSS_TYPES)
+    p_w, p_l, r_w, r_l = _unpaired(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    u_w, u_l = p_w - r_w, p_l - r_l
+
+    if loss_type == "kto":
+        if kl is not None:
+            z0 = _compute("kl", torch.as_tensor(kl, device=p_w.device).float()).detach().reshape(())
+        elif policy_kl_logps is not None and ref_kl_logps is not None:
+            pk = _vec("policy_kl_logps", policy_kl_logps)
+            rk = _vec("ref_kl_logps", ref_kl_logps, pk.shape[0])
+            if pk.numel() == 0:
+                raise ValueError("policy_kl_logps is empty: z0 needs at least one mismatched pair")
+            z0 = (pk - rk).detach().mean()
+        else:
+            raise ValueError(
+                "loss_type='kto' needs the reference point: policy_kl_logps and ref_kl_logps "
+                "(log-probs of the mismatched pairs), or kl="
+            )
+        z0 = z0.to(u_w.dtype).clamp_min(0.0)
+        chosen_losses = torch.sigmoid(-beta * (u_w - z0))
+        rejected_losses = torch.sigmoid(-beta * (z0 - u_l))
+    else:
+        z0 = u_w.new_zeros(())
+        chosen_losses = torch.sigmoid(-beta * u_w)
+        rejected_losses = torch.sigmoid(beta * u_l)
+
+    losses = torch.cat((desirable_weight * chosen_losses, undesirable_weight * rejected_losses))
+    metrics = {"kl": z0.detach()}
+    metrics.update(_unpaired_metrics(beta * u_w, beta * u_l, p_w, p_l))
+    return LossOutput(_mean_or_zero(losses, u_w), losses, metrics)
+
+
+class RewardRunningMean:
+    """Running mean of every implicit reward seen so far: BCO's ``δ`` (SPEC §8.2).
+
+    ``update(rewards)`` folds a batch in (count-weighted, float64) and returns the new mean. Under
+    data parallelism, all-gather the rewards before ``update`` so each rank keeps the same ``δ``.
+    Update in training steps only (TRL does not update during evaluation).
+    """
+
+    def __init__(self) -> None:
+        self.mean = 0.0
+        self.count = 0
+
+    def update(self, rewards: torch.Tensor) -> float:
+        r = rewards.detach().double().reshape(-1)
+        n = r.numel()
+        if n:
+            self.count += n
+            self.mean += (r.mean().item() - self.mean) * n / self.count
+        return self.mean
+
+
+def udm_weights(
+    prob_desirable: torch.Tensor, *, min_density_ratio: float = 0.5, max_density_ratio: float = 10.0
+) -> torch.Tensor:
+    """BCO underlying-distribution-matching weights ``clamp(P/(1 - P + 1e-8), min, max)`` (SPEC §8.2).
+
+    ``prob_desirable`` ``[N_U]`` is a classifier's P(desirable | prompt embedding) for the
+    undesirable samples; pass the result as ``bco_loss(..., rejected_weights=)``. Defaults TRL's.
+    """
+    p = _compute("prob_desirable", prob_desirable).detach()
+    return (p / (1.0 - p + 1e-8)).clamp(min=min_density_ratio, max=max_density_ratio)
+
+
+def bco_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    delta: torch.Tensor | float | RewardRunningMean = 0.0,
+    rejected_weights: torch.Tensor | None = None,
+) -> LossOutput:
+    """Unpaired BCO (SPEC §8.2, TRL ``experimental.bco``).
+
+    ``r = β(S_θ - S_ref)``; desirable ``-logσ(r - δ)``, undesirable ``-logσ(-(r - δ))·ω``.
+    ``delta``: a number, or a :class:`RewardRunningMean` which is first updated with this batch's
+    rewards (desirable and undesirable; TRL updates before computing the loss) and then read.
+    ``rejected_weights`` ``[N_U]``: optional UDM weights ω (see :func:`udm_weights`).
+    β=0.1 (TRL default). Metrics: ``delta``, ``rewards/*``, ``logps/*``.
+    """
+    p_w, p_l, r_w, r_l = _unpaired(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    rew_w, rew_l = beta * (p_w - r_w), beta * (p_l - r_l)
+    if isinstance(delta, RewardRunningMean):
+        delta = delta.update(torch.cat((rew_w, rew_l)))
+    d = torch.as_tensor(delta, dtype=rew_w.dtype, device=rew_w.device).detach()
+    chosen_losses = F.softplus(-(rew_w - d))
+    rejected_losses = F.softplus(rew_l - d)
+    if rejected_weights is not None:
+        rejected_losses = rejected_losses * _vec("rejected_weights", rejected_weights, p_l.shape[0]).detach()
+    losses = torch.cat((chosen_losses, rejected_losses))
+    metrics = {"delta": d.reshape(())}
+    metrics.update(_unpaired_metrics(rew_w, rew_l, p_w, p_l))
+    return LossOutput(_mean_or_zero(losses, rew_w), losses, metrics)
+
+
+def dro_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    rewards: torch.Tensor,
+    values: torch.Tensor | None = None,
+    *,
+    tau: float = 1.0,
+    value_coef: float = 1.0,
+) -> LossOutput:
+    """DRO-V, direct reward optimisation on single trajectories (SPEC §8.3).
+
+    Per sample, ``u = S_θ - S_ref`` ``[B]``, scalar feedback ``r`` ``[B]``, value ``V(x)`` ``[B]``:
+    ``policy = -S_θ · sg(r - V) + (τ/2) u²`` (whose gradient is ``∇_θ ½(r - V - τu)² / τ``) and
+    ``value = ½ (r - V - τ·sg(u))²``; ``losses = policy + value_coef · value``. With
+    ``values=None`` the baseline is the batch mean of ``r`` and there is no value term (the
+    Kimi k1.5 form). ``tau`` default 1.0 is the survey's reported regularisation; the paper's
+    exact term scaling is unverified (SPEC §16.7). Metrics: ``policy_loss``, ``value_loss``,
+    ``advantages`` (mean ``r - V``), ``log_ratio`` (mean ``u``).
+    """
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    s = _vec("policy_logps", policy_logps)
+    u = s - _vec("ref_logps", ref_logps, s.shape[0])
+    r = _vec("rewards", rewards, s.shape[0])
+    if values is None:
+        baseline = r.mean().expand_as(r)
+        value_losses = torch.zeros_like(r)
+    else:
+        baseline = _vec("values", values, s.shape[0])
+        value_losses = 0.5 * (r - baseline - tau * u.detach()) ** 2
+    adv = (r - baseline).detach()
+    policy_losses = -s * adv + 0.5 * tau * u**2
+    losses = policy_losses + value_coef * value_losses
+    metrics = {
+        "policy_loss": policy_losses.detach().mean(),
+        "value_loss": value_losses.detach().mean(),
+        "advantages": adv.mean(),
+        "log_ratio": u.detach().mean(),
+    }
+    return LossOutput(losses.mean(), losses, metrics)

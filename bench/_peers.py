@@ -1,0 +1,72 @@
+"""Peer providers shared by families: torch.compile, torch's chunked linear CE, Liger, CCE.
+
+Each peer says why it cannot run (``*_skip_reason``, ``None`` when it can) and which version was
+measured (``*_version``), so a skipped or measured peer is always named with its reason/version.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from collections.abc import Callable
+
+import torch
+
+# A token sweep compiles one graph per shape (dynamic=False); torch's default limit of 8 would
+# silently fall back to eager after the eighth.
+COMPILE_RECOMPILE_LIMIT = 64
+
+
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn, dynamic=False)``: the fastest compiled form for a fixed shape."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), COMPILE_RECOMPILE_LIMIT))
+    return torch.compile(fn, dynamic=False)
+
+
+def _dist_version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def torch_chunked_skip_reason() -> str | None:
+    if not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return f"torch {torch.__version__} has no chunked F.linear_cross_entropy (needs torch >= 2.13)"
+    return None
+
+
+def torch_chunked_options():
+    """Default options: what a user who opts into chunking gets (resolved per device/dtype)."""
+    return torch.nn.LinearCrossEntropyOptions()
+
+
+def _cuda_peer_reason(module: str, dist: str, case_device: str) -> str | None:
+    if importlib.util.find_spec(module) is None:
+        return f"not installed (pip install {dist})"
+    if case_device != "cuda":
+        return f"{dist} {_dist_version(dist)}: Triton kernels need a CUDA device, this run is {case_device}"
+    return None
+
+
+def liger_skip_reason(case) -> str | None:
+    return _cuda_peer_reason("liger_kernel", "liger-kernel", case.device)
+
+
+def liger_version() -> str:
+    return _dist_version("liger-kernel")
+
+
+def cce_skip_reason(case) -> str | None:
+    reason = _cuda_peer_reason("cut_cross_entropy", "cut-cross-entropy", case.device)
+    if reason and case.device != "cuda" and "not installed" not in reason:
+        reason += " (its impl='torch_compile' fallback is a torch.compile reference, like ours)"
+    return reason
+
+
+def cce_version() -> str:
+    return _dist_version("cut-cross-entropy")

@@ -1,0 +1,68 @@
+"""Named block sizes and launch constants of the Triton kernels, each with its reason.
+
+Shapes are written ``[rows, cols]``. ``BN`` is a token block (rows of hidden), ``BV`` a vocab
+block (rows of the LM-head weight), ``BD`` a chunk of the hidden dimension (the ``tl.dot``
+reduction axis). The numbers are starting points chosen from the tile arithmetic below, not
+autotuned results; the launchers read them only through their ``*_config`` heuristics.
+"""
+
+from __future__ import annotations
+
+# --- fused linear log-probs (kernels/linear_logprobs.py) -------------------------------------
+
+# Token block. 64 rows are one Hopper warpgroup MMA (wgmma has M = 64) and four 16-row
+# mma.sync tiles on Ampere; with BV = 128 the fp32 logits tile [64, 128] costs 32 registers per
+# thread at 8 warps, leaving room for the softmax epilogue.
+LLP_BN = 64
+
+# Token block for tiny batches (N <= LLP_SMALL_N_MAX, e.g. scoring a few sequences in RL). 16 is
+# the smallest M that tl.dot accepts; with BN = 64 three quarters of every MMA would be padding.
+LLP_BN_SMALL = 16
+LLP_SMALL_N_MAX = 16
+
+# Vocab block. 128 columns keep W tiles [BD, BV] at 16 KiB per pipeline stage in bf16 and give
+# the online log-sum-exp 128 logits per rescale; 256 would double the fp32 tile registers.
+LLP_BV = 128
+
+# Hidden chunk for 16-bit inputs: 64 elements = 128 bytes, one full swizzled shared-memory row
+# and the K-depth of 4 bf16 wgmma steps. Per stage: h [64, 64] 8 KiB + W [64, 128] 16 KiB.
+LLP_BD_16BIT = 64
+
+# Hidden chunk for fp32 inputs: half the elements so a stage keeps the same 24 KiB of shared
+# memory (3 stages = 72 KiB, which fits the 164 KiB of an A100 as well as an H100's 228 KiB).
+LLP_BD_FP32 = 32
+
+# Warps per program of the tile kernels: 8 warps (2 warpgroups) split the [64, 128] fp32 tile so
+# the exp / where / sum epilogue does not spill; 4 warps would hold 64 accumulator registers per
+# thread before the epilogue starts.
+LLP_NUM_WARPS = 8
+
+# Software-pipelining depth over the hidden chunks: 3 stages hide global-load latency on
+# A100 / H100 at 72 KiB of shared memory (see the per-stage sizes above).
+LLP_NUM_STAGES = 3
+
+# Forward vocab split: aim for this many programs per streaming multiprocessor, so that a small
+# token count (few token blocks) still fills the GPU. Two resident programs per SM overlap one
+# program's epilogue with the other's loads.
+LLP_PROGRAMS_PER_SM = 2
+
+# Streaming multiprocessors assumed when the device cannot be asked (the interpreter on CPU):
+# an H100 SXM has 132. It only changes the number of vocab splits, not the result beyond
+# floating-point summation order.
+LLP_DEFAULT_SM_COUNT = 132
+
+# Upper bound on vocab splits. The combine kernel loops over splits, so this only bounds the
+# [5, splits, N] fp32 partials workspace and keeps at least V / (128 * 128) blocks per split.
+LLP_MAX_SPLITS = 128
+
+# Rows per program of the split-combine kernel: it reads 5 fp32 values per row and split, a
+# purely memory-bound pass; 128 rows = 512 contiguous bytes per plane and split per program.
+LLP_COMBINE_BN = 128
+LLP_COMBINE_NUM_WARPS = 4
+
+# Backward workspace floor, in elements. The backward writes the logit gradient dz of one
+# chunk of tokens or vocab rows ([tokens, vocab chunk] or [token chunk, V]) in the input dtype,
+# then hands it to two cuBLAS GEMMs. The chunk holds at most max(N * H, this floor) elements:
+# never more than the hidden states themselves once they pass 64 Mi elements (128 MiB in bf16),
+# and large enough below that for GEMMs that fill an H100.
+LLP_WORKSPACE_FLOOR_ELEMS = 1 << 26
