@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._utils import empty, env_int
+from ._utils import empty, env_flag, env_int
 from ._validate import FLOAT_DTYPES, check_targets_in_range
 
 Reduction = Literal["none", "sum", "mean"]
@@ -264,6 +264,14 @@ class CrossEntropyFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------
 
 
+def _use_triton(logits: torch.Tensor) -> bool:
+    """Triton on CUDA for fp16 / bf16 / fp32. ``ALIGNOPS_FORCE_TRITON=1`` also sends CPU
+    tensors to the kernels, which only works under ``TRITON_INTERPRET=1`` (tests)."""
+    if logits.dtype not in _TRITON_DTYPES:
+        return False
+    return logits.is_cuda or env_flag("ALIGNOPS_FORCE_TRITON", False)
+
+
 def _check_number(name: str, v, *, lo: float, lo_open: bool, hi: float = math.inf) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise ValueError(f"{name} must be a finite number, got {v!r}")
@@ -356,7 +364,7 @@ def cross_entropy(
         softcap=None if softcap is None else _check_number("softcap", softcap, lo=0.0, lo_open=True),
         reduction="none" if reduction == "none" else "sum",
         inplace_backward=bool(inplace_backward),
-        use_triton=logits.is_cuda and logits.dtype in _TRITON_DTYPES,
+        use_triton=_use_triton(logits),
     )
     check_targets_in_range(targets, logits.shape[-1], ignore_index)
     loss = CrossEntropyFunction.apply(logits, targets, params)

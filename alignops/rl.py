@@ -57,9 +57,9 @@ def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float32
 
 
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+def _check_choice(name: str, value: str, choices: Sequence[str], hint: str = "") -> None:
     if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(map(repr, choices))}")
+        raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(map(repr, choices))}{hint}")
 
 
 def _check_same_shape(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
@@ -163,7 +163,8 @@ def _grouped(x: torch.Tensor, num_generations: int) -> torch.Tensor:
         raise ValueError(f"num_generations must be >= 1, got {num_generations}")
     if x.shape[0] % num_generations != 0:
         raise ValueError(
-            f"the number of completions ({x.shape[0]}) is not a multiple of num_generations ({num_generations})"
+            f"the number of completions ({x.shape[0]}) is not a multiple of "
+            f"num_generations ({num_generations})"
         )
     return x.view(-1, num_generations, *x.shape[1:])
 
@@ -465,7 +466,9 @@ def compute_gae(
 
 def _check_options(fn, options: dict, reserved: Sequence[str]) -> None:
     params = inspect.signature(fn).parameters
-    valid = sorted(n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in reserved)
+    valid = sorted(
+        n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in reserved
+    )
     bad = sorted(set(options) - set(valid))
     if bad:
         raise ValueError(f"unknown option(s) {', '.join(map(repr, bad))}; valid options: {', '.join(valid)}")
@@ -545,6 +548,10 @@ def grpo_loss_from_hidden(
         or grpo_options.get("entropy_coef", 0.0) != 0.0
         or grpo_options.get("top_entropy_quantile", 1.0) < 1.0
     )
+    truncated = grpo_options.get("mask_truncated")
+    if truncated is not None and truncated.shape == completion_mask.shape[:1]:
+        # truncated rows are never scored: leave them out of the vocab projection as well
+        completion_mask = completion_mask.bool() & ~truncated.bool().unsqueeze(1)
     logps, entropy, valid = _policy_logps(
         hidden,
         weight,
@@ -556,7 +563,9 @@ def grpo_loss_from_hidden(
         ignore_index=ignore_index,
         return_entropy=need_entropy,
     )
-    return grpo_loss(logps, old_logps, advantages, valid, ref_logps=ref_logps, entropy=entropy, **grpo_options)
+    return grpo_loss(
+        logps, old_logps, advantages, valid, ref_logps=ref_logps, entropy=entropy, **grpo_options
+    )
 
 
 def ppo_loss_from_hidden(
@@ -591,7 +600,15 @@ def ppo_loss_from_hidden(
     """
     from .losses.rl import ppo_loss  # losses import this module; resolve at call time
 
-    reserved = ("entropy", "ptx_hidden", "ptx_weight", "ptx_labels", "ptx_bias", "ptx_softcap", "ptx_ignore_index")
+    reserved = (
+        "entropy",
+        "ptx_hidden",
+        "ptx_weight",
+        "ptx_labels",
+        "ptx_bias",
+        "ptx_softcap",
+        "ptx_ignore_index",
+    )
     _check_options(ppo_loss, ppo_options, reserved=reserved)
     if (ptx_hidden is None) != (ptx_labels is None):
         raise ValueError("pass ptx_hidden and ptx_labels together")
@@ -618,4 +635,3 @@ def ppo_loss_from_hidden(
             ptx_ignore_index=ignore_index,
         )
     return ppo_loss(logps, old_logps, advantages, valid, entropy=entropy, **ptx, **ppo_options)
-

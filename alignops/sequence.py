@@ -329,6 +329,8 @@ def sequence_logprobs(
     """
     from . import linear_logprobs
 
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
         raise TypeError("labels must be an int64 (or int32) tensor of token ids")
     packed = cu_seqlens is not None or position_ids is not None
@@ -403,4 +405,3 @@ def sequence_logprobs(
         if squeeze:
             per_token = per_token[0]
     return out._replace(per_token=per_token)
-

@@ -81,12 +81,14 @@ import ctypes
 import ctypes.util
 import gc
 import importlib
+import json
 import math
-import multiprocessing
 import os
 import platform
+import select
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -415,7 +417,7 @@ def _tune_malloc() -> Callable[[], None]:
         return lambda: None
 
 
-def _measure_in_child(family_module: str, case_fields: dict, provider_name: str, mode: str) -> dict:
+def measure_in_child(family_module: str, case_fields: dict, provider_name: str, mode: str) -> dict:
     trim = _tune_malloc()
     mod = importlib.import_module(family_module)
     case = Case(**case_fields)
@@ -452,54 +454,59 @@ def _measure_in_child(family_module: str, case_fields: dict, provider_name: str,
     return {"peak_extra_bytes": (peak_kib - base_kib) * 1024, "method": method}
 
 
-def _memory_child(family_module: str, case_fields: dict, provider_name: str, mode: str, conn) -> None:
-    try:
-        conn.send(_measure_in_child(family_module, case_fields, provider_name, mode))
-    except BaseException as e:  # report, never hang the parent
-        conn.send({"error": f"{type(e).__name__}: {e}"})
-    finally:
-        conn.close()
+class MemoryServer:
+    """Runs CPU memory measurements, each in a fresh process.
 
+    A helper interpreter (``python -m alignops.bench._memserver``) imports torch, alignops and the
+    family modules once and then forks one child per measurement: the child starts with no tensor
+    and no thread pool of the benchmark process, in milliseconds rather than the seconds an
+    interpreter start with torch costs. Use as a context manager; one server serves a whole run.
+    """
 
-_MP_CONTEXT: multiprocessing.context.BaseContext | None = None
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen | None = None
 
+    def __enter__(self) -> MemoryServer:
+        return self
 
-def _mp_context() -> multiprocessing.context.BaseContext:
-    """A forkserver that has imported torch and this module, nothing else: children start in
-    milliseconds, with no tensor of the parent."""
-    global _MP_CONTEXT
-    if _MP_CONTEXT is None:
-        if "forkserver" in multiprocessing.get_all_start_methods():
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["torch", "alignops", __name__])
-        else:
-            ctx = multiprocessing.get_context("spawn")
-        _MP_CONTEXT = ctx
-    return _MP_CONTEXT
+    def __exit__(self, *exc) -> None:
+        self.close()
 
+    def _start(self) -> subprocess.Popen:
+        if self._proc is None or self._proc.poll() is not None:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", f"{__package__}._memserver"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+            )
+        return self._proc
 
-def memory_cpu(family_module: str, case: Case, provider_name: str, mode: str) -> Memory:
-    if not os.path.exists("/proc/self/status"):
-        return Memory(None, "unavailable", "needs Linux /proc to read RSS")
-    ctx = _mp_context()
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_memory_child, args=(family_module, asdict(case), provider_name, mode, child))
-    proc.start()
-    child.close()
-    result: dict = {}
-    if parent.poll(MEMORY_CHILD_TIMEOUT_S):
-        try:
-            result = parent.recv()
-        except EOFError:
-            result = {}
-    proc.join(timeout=10)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
-    if "peak_extra_bytes" in result:
-        return Memory(int(result["peak_extra_bytes"]), result["method"])
-    err = result.get("error") or f"child exited with code {proc.exitcode} (killed for memory?)"
-    return Memory(None, "fresh process", err)
+    def measure(self, family_module: str, case: Case, provider_name: str, mode: str) -> Memory:
+        if not os.path.exists("/proc/self/status") or not hasattr(os, "fork"):
+            return Memory(None, "unavailable", "needs Linux (fork, /proc) to measure RSS")
+        proc = self._start()
+        request = {"module": family_module, "case": asdict(case), "provider": provider_name, "mode": mode}
+        proc.stdin.write(json.dumps(request) + "\n")
+        proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], MEMORY_CHILD_TIMEOUT_S)
+        line = proc.stdout.readline() if ready else ""
+        if not line:
+            self.close()
+            return Memory(None, "fresh process", "no answer from the memory server (timeout or crash)")
+        result = json.loads(line)
+        if "peak_extra_bytes" in result:
+            return Memory(int(result["peak_extra_bytes"]), result["method"])
+        return Memory(None, "fresh process", result.get("error", "unknown error"))
+
+    def close(self) -> None:
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.stdin.close()
+                try:
+                    self._proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait()
+            self._proc = None
 
 
 # ----------------------------------------------------------------------------- device, roofline
@@ -586,6 +593,8 @@ def environment(device: str) -> dict:
         "python": platform.python_version(),
         "commit": git_commit(),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "cpu_count": os.cpu_count(),
     }
 
 

@@ -70,3 +70,49 @@ def cce_skip_reason(case) -> str | None:
 
 def cce_version() -> str:
     return _dist_version("cut-cross-entropy")
+
+
+def trl_skip_reason(case=None) -> str | None:
+    if importlib.util.find_spec("trl") is None:
+        return "not installed (pip install trl)"
+    try:
+        from trl.kernels import ChunkedLogProbFunction  # noqa: F401
+        from trl.trainer.utils import selective_log_softmax  # noqa: F401
+    except ImportError as e:
+        return f"trl {_dist_version('trl')} lacks the function measured here: {e}"
+    return None
+
+
+def trl_version() -> str:
+    return _dist_version("trl")
+
+
+# TRL's own vocabulary tile for its fused LM head (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in
+# 1.16); read from TRL when it is there.
+TRL_CHUNK_SIZE_FALLBACK = 32768
+
+
+def trl_chunked_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    softcap: float | None,
+    ignore_index: int,
+    entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """TRL's fused LM head (``trl.kernels.ChunkedLogProbFunction``), called as TRL's patched
+    forward calls it: every position scored with the target clamped, ignored ones zeroed after."""
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer import utils as trl_utils
+
+    chunk = getattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", TRL_CHUNK_SIZE_FALLBACK)
+    mask = targets != ignore_index
+    outputs = ("entropy",) if entropy else ()
+    logps, ent, *_ = ChunkedLogProbFunction.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, None, targets.clamp(min=0).reshape(-1), 1.0, chunk,
+        softcap, 1.0, outputs,
+    )
+    logps = logps.view(mask.shape).masked_fill(~mask, 0.0)
+    ent = None if ent is None else ent.view(mask.shape).masked_fill(~mask, 0.0)
+    return logps, ent

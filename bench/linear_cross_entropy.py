@@ -31,6 +31,9 @@ from ._peers import (
     liger_version,
     torch_chunked_options,
     torch_chunked_skip_reason,
+    trl_chunked_logprobs,
+    trl_skip_reason,
+    trl_version,
 )
 
 FAMILY = "linear_cross_entropy"
@@ -58,20 +61,33 @@ def make_inputs(case: Case) -> Inputs:
     return Inputs({"hidden": hidden, "weight": weight, "targets": targets}, [hidden, weight])
 
 
-def flops(case: Case, mode: str) -> float:
-    per_matmul = 2.0 * case.tokens * case.vocab * case.hidden
+def lm_head_flops(case: Case, rows: int, mode: str) -> float:
+    """Formula in the module docstring, for ``rows`` hidden states through the LM head."""
+    per_matmul = 2.0 * rows * case.vocab * case.hidden
     return {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode] * per_matmul
 
 
-def bytes_moved(case: Case, mode: str) -> float:
-    inputs = (case.tokens + case.vocab) * case.hidden * case.itemsize + 8 * case.tokens
-    grads = (case.tokens + case.vocab) * case.hidden * case.itemsize
+def lm_head_bytes(case: Case, rows: int, mode: str) -> float:
+    inputs = (rows + case.vocab) * case.hidden * case.itemsize + 8 * rows
+    grads = (rows + case.vocab) * case.hidden * case.itemsize
     return {"fwd": inputs, "bwd": inputs + grads, "fwd+bwd": 2 * inputs + grads}[mode]
 
 
-def grads_bytes(case: Case) -> int:
+def lm_head_grads_bytes(case: Case, rows: int) -> int:
     """dh + dW, what the op must return."""
-    return (case.tokens + case.vocab) * case.hidden * case.itemsize
+    return (rows + case.vocab) * case.hidden * case.itemsize
+
+
+def flops(case: Case, mode: str) -> float:
+    return lm_head_flops(case, case.tokens, mode)
+
+
+def bytes_moved(case: Case, mode: str) -> float:
+    return lm_head_bytes(case, case.tokens, mode)
+
+
+def grads_bytes(case: Case) -> int:
+    return lm_head_grads_bytes(case, case.tokens)
 
 
 def _args(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -141,6 +157,16 @@ def _cce(case: Case, inputs: Inputs) -> Bound:
     )
 
 
+def _trl_chunked(case: Case, inputs: Inputs) -> Bound:
+    h, w, y = _args(inputs)
+
+    def fn() -> torch.Tensor:
+        logps, _ = trl_chunked_logprobs(h, w, y, softcap=case.softcap, ignore_index=IGNORE_INDEX)
+        return -logps.sum() / (y != IGNORE_INDEX).sum().clamp(min=1)  # TRL's fused-forward loss
+
+    return Bound(fn, inputs.leaves)
+
+
 def _no_softcap(case: Case) -> str | None:
     return "F.linear_cross_entropy has no soft-cap" if case.softcap is not None else None
 
@@ -156,6 +182,7 @@ def providers() -> list[Provider]:
             _torch_chunked,
             lambda case: torch_chunked_skip_reason() or _no_softcap(case),
         ),
+        Provider("trl-chunked", _trl_chunked, trl_skip_reason, trl_version),
         Provider("liger", _liger, liger_skip_reason, liger_version),
         Provider("cce", _cce, cce_skip_reason, cce_version),
     ]

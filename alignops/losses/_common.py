@@ -33,6 +33,15 @@ def log1mexp(a: torch.Tensor) -> torch.Tensor:
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
-    """Raise ValueError when a log-prob tensor holds NaN (a silent NaN loss is worse)."""
+    """Raise ValueError when a log-prob tensor holds NaN (a silent NaN loss is worse).
+
+    CPU: a host check. CUDA: an asynchronous device-side assert (no host sync). Under
+    ``torch.compile`` the check is skipped (it would be a data-dependent branch).
+    """
+    if torch.compiler.is_compiling():
+        return
+    if t.is_cuda:
+        torch._assert_async(~torch.isnan(t).any(), f"alignops: {name} contains NaN")
+        return
     if torch.isnan(t).any():
         raise ValueError(f"{name} contains NaN")

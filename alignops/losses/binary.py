@@ -4,7 +4,8 @@ Desirable ("chosen") and undesirable ("rejected") samples are *unpaired*: their 
 in size, either may be empty. Inputs are per-sequence summed completion log-probs ``[N_D]`` /
 ``[N_U]`` for the policy and the reference. ``losses`` is ``[N_D + N_U]``, desirable first (TRL's
 order), and ``loss`` is its mean (TRL's ``nanmean``; an empty batch gives a differentiable 0).
-Arithmetic is float32 (float64 stays float64).
+Reference log-probs are treated as constants (detached). Arithmetic is float32 (float64 stays
+float64).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ def _unpaired(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     p_w = _vec("policy_chosen_logps", policy_chosen_logps)
     p_l = _vec("policy_rejected_logps", policy_rejected_logps)
-    r_w = _vec("ref_chosen_logps", ref_chosen_logps, p_w.shape[0])
-    r_l = _vec("ref_rejected_logps", ref_rejected_logps, p_l.shape[0])
+    r_w = _vec("ref_chosen_logps", ref_chosen_logps, p_w.shape[0]).detach()
+    r_l = _vec("ref_rejected_logps", ref_rejected_logps, p_l.shape[0]).detach()
     return p_w, p_l, r_w, r_l
 
 
@@ -86,7 +87,9 @@ def kto_loss(
     of desirable), ``rewards/rejected``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``.
     """
     _check_choice("loss_type", loss_type, _KTO_LOSS_TYPES)
-    p_w, p_l, r_w, r_l = _unpaired(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    p_w, p_l, r_w, r_l = _unpaired(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
     u_w, u_l = p_w - r_w, p_l - r_l
 
     if loss_type == "kto":
@@ -168,7 +171,9 @@ def bco_loss(
     ``rejected_weights`` ``[N_U]``: optional UDM weights ω (see :func:`udm_weights`).
     β=0.1 (TRL default). Metrics: ``delta``, ``rewards/*``, ``logps/*``.
     """
-    p_w, p_l, r_w, r_l = _unpaired(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    p_w, p_l, r_w, r_l = _unpaired(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
     rew_w, rew_l = beta * (p_w - r_w), beta * (p_l - r_l)
     if isinstance(delta, RewardRunningMean):
         delta = delta.update(torch.cat((rew_w, rew_l)))
@@ -205,7 +210,7 @@ def dro_loss(
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     s = _vec("policy_logps", policy_logps)
-    u = s - _vec("ref_logps", ref_logps, s.shape[0])
+    u = s - _vec("ref_logps", ref_logps, s.shape[0]).detach()
     r = _vec("rewards", rewards, s.shape[0])
     if values is None:
         baseline = r.mean().expand_as(r)

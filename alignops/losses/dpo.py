@@ -243,7 +243,8 @@ def dpo_loss(
       (ε ∈ (0, 1)), aot / aot_unpaired. As in TRL 1.16 it is ignored by "sigmoid" (use "cdpo").
       f_divergence_type / f_alpha_divergence_coef: f-DPO scores s(u) of §6.12 replace u in Δ
       (only for types that depend on Δ alone; others raise). Exponents are clamped at 80 (11 for
-      float16 inputs), as TRL does for the α-divergence; here for forward KL too.
+      float16 inputs), as TRL does for the α-divergence; here for forward KL and the exponential
+      GPO loss too (their gradient is 0 beyond the clamp).
       chosen_lengths, rejected_lengths ``[B]``: completion token counts n_w, n_l (ipo,
       sigmoid_norm: divided by max(1, n); rdpo: α (n_w − n_l)).
       chosen_nll: the "sft" term. A scalar gives TRL's token mean over the micro-batch,
@@ -272,7 +273,9 @@ def dpo_loss(
     types = _as_types(loss_type)
     # ---- validation -------------------------------------------------------------------------------
     if not isinstance(policy_chosen_logps, torch.Tensor):
-        raise TypeError(f"policy_chosen_logps must be a torch.Tensor, got {type(policy_chosen_logps).__name__}")
+        raise TypeError(
+            f"policy_chosen_logps must be a torch.Tensor, got {type(policy_chosen_logps).__name__}"
+        )
     if policy_chosen_logps.dim() != 1:
         raise ValueError(f"policy_chosen_logps must be [B], got shape {tuple(policy_chosen_logps.shape)}")
     b = policy_chosen_logps.shape[0]
@@ -321,6 +324,8 @@ def dpo_loss(
     need_len = next((t for t in types if t in ("ipo", "sigmoid_norm", "rdpo")), None)
     chosen_lengths = _check_pair_tensor("chosen_lengths", chosen_lengths, b, required_by=need_len)
     rejected_lengths = _check_pair_tensor("rejected_lengths", rejected_lengths, b, required_by=need_len)
+    if chosen_nll is not None and not isinstance(chosen_nll, torch.Tensor):
+        chosen_nll = torch.tensor(float(chosen_nll), device=policy_chosen_logps.device)
     if "sft" in types:
         if chosen_nll is None:
             raise ValueError(

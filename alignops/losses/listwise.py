@@ -5,7 +5,8 @@ counts, labels ψ where higher is better) and an optional boolean ``mask`` ``[B,
 real responses when prompts have different K. A list of ``B`` 1-D tensors is accepted too: equal
 lengths are stacked; unequal lengths need ``mask`` (the lists are then right-padded to its K).
 Ties in ψ are broken by position (stable sort). Per-prompt losses ``[B]`` are sums over the list
-(pairs, or ranking positions); ``loss`` is their mean over prompts. Arithmetic is float32.
+(pairs, or ranking positions); ``loss`` is their mean over prompts. Reference log-probs are
+treated as constants (detached). Arithmetic is float32 (float64 stays float64).
 """
 
 from __future__ import annotations
@@ -86,7 +87,9 @@ def _list_inputs(
 
 
 def _labels(labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return labels.to(device=like.device, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32)
+    return labels.to(
+        device=like.device, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32
+    )
 
 
 def _pairs(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -124,11 +127,15 @@ def _plackett_luce_nll(
     return -torch.where(m, terms, torch.zeros_like(terms)).sum(1)
 
 
-def _best_worst(values: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _best_worst(
+    values: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Value of the top-labelled and of the bottom-labelled valid response per list ``[B]``."""
     order = _sort_by_labels(labels, mask)
     last = (mask.sum(1) - 1).clamp_min(0)
-    return values.gather(1, order[:, :1]).squeeze(1), values.gather(1, order.gather(1, last[:, None])).squeeze(1)
+    return values.gather(1, order[:, :1]).squeeze(1), values.gather(
+        1, order.gather(1, last[:, None])
+    ).squeeze(1)
 
 
 def _list_metrics(
@@ -172,7 +179,7 @@ def listwise_dpo_loss(
         mask, ("policy_logps", policy_logps), ("ref_logps", ref_logps, True), ("labels", labels, False)
     )
     y = _labels(y, p)
-    s = beta * (p - r)
+    s = beta * (p - r.detach())
     losses = _plackett_luce_nll(s, y, mask, top_k)
     return LossOutput(losses.mean(), losses, _list_metrics(s, p, y, mask))
 
@@ -219,7 +226,7 @@ def lipo_loss(
         mask, ("policy_logps", policy_logps), ("ref_logps", ref_logps, True), ("labels", labels, False)
     )
     y = _labels(y, p)
-    s = beta * (p - r)
+    s = beta * (p - r.detach())
     if loss_type == "list_mle":
         losses = _plackett_luce_nll(s, y, mask, None)
     elif loss_type == "softmax":

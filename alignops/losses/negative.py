@@ -3,7 +3,8 @@
 Inputs are per-sequence summed completion log-probs ``[B]`` of the responses to push down (the
 "forget" set) and, for SimNPO, their token counts. An optional ``retain_loss`` (a scalar computed
 on the retain set, e.g. ``alignops.cross_entropy`` for NPO-RT, SPEC §10.1) is added with weight
-``retain_weight`` and broadcast into ``losses``. Arithmetic is float32 (float64 stays float64).
+``retain_weight`` and broadcast into ``losses``. Reference log-probs are treated as constants
+(detached). Arithmetic is float32 (float64 stays float64).
 
 CRINGE / pairwise CRINGE (SPEC §10.4) is not here: its positive token ``s*`` is sampled from the
 model's top-k next-token candidates, which the log-prob kernels do not return.
@@ -45,7 +46,7 @@ def npo_loss(
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     p = _vec("policy_rejected_logps", policy_rejected_logps)
-    u = p - _vec("ref_rejected_logps", ref_rejected_logps, p.shape[0])
+    u = p - _vec("ref_rejected_logps", ref_rejected_logps, p.shape[0]).detach()
     losses, retain = _with_retain((2.0 / beta) * F.softplus(beta * u), retain_loss, retain_weight)
     metrics = {"rewards/rejected": (beta * u).detach().mean(), "logps/rejected": p.detach().mean()}
     if retain is not None:
@@ -100,12 +101,12 @@ def d2o_loss(
     ``rewards/margins``, ``rewards/accuracies``.
     """
     p_s = _as_list("policy_sampled_logps", policy_sampled_logps, mask)
-    r_s = _as_list("ref_sampled_logps", ref_sampled_logps, mask)
+    r_s = _as_list("ref_sampled_logps", ref_sampled_logps, mask).detach()
     if r_s.shape != p_s.shape:
         raise ValueError(f"ref_sampled_logps has shape {tuple(r_s.shape)}, expected {tuple(p_s.shape)}")
     m = _list_mask(mask, tuple(p_s.shape), p_s.device)
     p_l = _vec("policy_rejected_logps", policy_rejected_logps, p_s.shape[0])
-    u_l = p_l - _vec("ref_rejected_logps", ref_rejected_logps, p_s.shape[0])
+    u_l = p_l - _vec("ref_rejected_logps", ref_rejected_logps, p_s.shape[0]).detach()
     u_s = torch.where(m, p_s - r_s, torch.zeros_like(p_s))
     k = m.sum(1).clamp_min(1).to(u_s.dtype)
     pos = beta * u_s.sum(1) / k

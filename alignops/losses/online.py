@@ -2,7 +2,8 @@
 
 These take the log-probs of freshly sampled completions plus their scores and do the pairing the
 TRL trainers do (higher score = chosen). SPPO (hard / soft), APO and iterative DPO / DNO are
-offline pair losses covered by ``dpo_loss``; nothing for them here. Arithmetic is float32.
+offline pair losses covered by ``dpo_loss``; nothing for them here. Reference log-probs are
+treated as constants (detached). Arithmetic is float32 (float64 stays float64).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def online_dpo_loss(
     """
     _check_choice("loss_type", loss_type, _ONLINE_LOSS_TYPES)
     p = _two("policy_logps", policy_logps)
-    r = _two("ref_logps", ref_logps, p.shape[0])
+    r = _two("ref_logps", ref_logps, p.shape[0]).detach()
     sc = _two("scores", scores, p.shape[0]).detach()
     if missing_eos_penalty is not None:
         if contain_eos is None:
@@ -91,7 +92,7 @@ def online_dpo_loss(
         "objective/rlhf_reward": (sc - beta * u.detach()).mean(),
         "objective/scores": sc.mean(),
         "objective/scores_margin": (sc.gather(1, idx_w) - sc.gather(1, idx_l)).mean(),
-        "beta": torch.tensor(float(beta)),
+        "beta": torch.tensor(float(beta), device=p.device),
     }
     if contain_eos is not None:
         metrics["val/contain_eos_token"] = contain_eos.float().mean()
@@ -125,8 +126,8 @@ def xpo_loss(
     mm = _vec("model_logps_model_data", model_logps_model_data)
     b = mm.shape[0]
     mr = _vec("model_logps_ref_data", model_logps_ref_data, b)
-    rm = _vec("ref_logps_model_data", ref_logps_model_data, b)
-    rr = _vec("ref_logps_ref_data", ref_logps_ref_data, b)
+    rm = _vec("ref_logps_model_data", ref_logps_model_data, b).detach()
+    rr = _vec("ref_logps_ref_data", ref_logps_ref_data, b).detach()
     if chosen_mask is None:
         if model_scores is None or ref_scores is None:
             raise ValueError("xpo_loss needs chosen_mask, or model_scores and ref_scores")
@@ -156,8 +157,8 @@ def xpo_loss(
         "logps/rejected": torch.where(c, mr, mm).detach().mean(),
         "objective/kl": ((u_model + u_ref) / 2).detach().mean(),
         "objective/entropy": (-(mm + mr) / 2).detach().mean(),
-        "alpha": torch.tensor(float(alpha)),
-        "beta": torch.tensor(float(beta)),
+        "alpha": torch.tensor(float(alpha), device=mm.device),
+        "beta": torch.tensor(float(beta), device=mm.device),
     }
     return LossOutput(losses.mean(), losses, metrics)
 
@@ -188,7 +189,7 @@ def nash_md_loss(
     lp = _compute("policy_token_logps", policy_token_logps)
     if lp.dim() != 2:
         raise ValueError(f"policy_token_logps must have shape [B, T], got {tuple(lp.shape)}")
-    lr = _compute("ref_token_logps", ref_token_logps)
+    lr = _compute("ref_token_logps", ref_token_logps).detach()
     if lr.shape != lp.shape or mask.shape != lp.shape:
         raise ValueError(
             f"ref_token_logps {tuple(lr.shape)} and mask {tuple(mask.shape)} must match "
@@ -223,7 +224,7 @@ def nash_md_loss(
         "rewards/margins": margin.mean(),
         "rewards/accuracies": (margin > 0).to(margin.dtype).mean(),
         "objective/entropy": -seq.detach().mean(),
-        "beta": torch.tensor(float(beta)),
+        "beta": torch.tensor(float(beta), device=lp.device),
     }
     if ms is not None:
         metrics["rewards/chosen"] = ms.detach().mean()

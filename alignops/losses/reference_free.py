@@ -94,9 +94,7 @@ def _check_label_smoothing(label_smoothing: float, loss_type: str, smoothed: tup
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if label_smoothing > 0 and loss_type not in smoothed:
-        raise ValueError(
-            f"label_smoothing is only defined for loss_type in {smoothed}, not {loss_type!r}"
-        )
+        raise ValueError(f"label_smoothing is only defined for loss_type in {smoothed}, not {loss_type!r}")
 
 
 def _pair_metrics(
@@ -197,7 +195,9 @@ def cpo_loss(
     average = loss_type in ("ipo", "simpo")
     n_w = n_l = None
     if average or (cpo_alpha != 0 and nll_loss is None):
-        why = f"loss_type={loss_type!r} averages log-probs" if average else "it sets the NLL term's token count"
+        why = (
+            f"loss_type={loss_type!r} averages log-probs" if average else "it sets the NLL term's token count"
+        )
         n_w = _counts("chosen_lengths", chosen_lengths, batch, s_w, why)
     if average:
         n_l = _counts("rejected_lengths", rejected_lengths, batch, s_l, why)
@@ -211,7 +211,11 @@ def cpo_loss(
     )
 
     if cpo_alpha != 0:
-        nll = _scalar_loss("nll_loss", nll_loss).to(losses) if nll_loss is not None else _token_mean_nll(s_w, n_w)
+        nll = (
+            _scalar_loss("nll_loss", nll_loss).to(losses)
+            if nll_loss is not None
+            else _token_mean_nll(s_w, n_w)
+        )
         losses = losses + cpo_alpha * nll
     else:
         nll = losses.new_zeros(())

@@ -22,12 +22,11 @@ aggregation uses the one that matches its unit (see :func:`grpo_loss`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Literal
 
 import torch
 
-from ..rl import kl_estimate
+from ..rl import _check_choice, _compute_dtype, kl_estimate
 from ._common import LossOutput
 
 __all__ = ["gmpo_loss", "grpo_loss", "ppo_loss", "rloo_loss"]
@@ -51,17 +50,6 @@ _Count = int | float | torch.Tensor
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    if any(t is not None and t.dtype == torch.float64 for t in tensors):
-        return torch.float64
-    return torch.float32
-
-
-def _check_choice(name: str, value, choices: Sequence[str], hint: str = "") -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(map(repr, choices))}{hint}")
 
 
 def _check_tokens(logps: torch.Tensor, **others: torch.Tensor | None) -> tuple[int, int]:
@@ -140,7 +128,9 @@ def _ratio_stats(w: torch.Tensor, m: torch.Tensor, prefix: str = "ratio") -> dic
     }
 
 
-def _clip_metrics(is_low: torch.Tensor, is_high: torch.Tensor, m: torch.Tensor, dt) -> dict[str, torch.Tensor]:
+def _clip_metrics(
+    is_low: torch.Tensor, is_high: torch.Tensor, m: torch.Tensor, dt
+) -> dict[str, torch.Tensor]:
     low, high = is_low.to(dt), is_high.to(dt)
     region = (is_low | is_high).to(dt)
     return {
@@ -153,7 +143,8 @@ def _clip_metrics(is_low: torch.Tensor, is_high: torch.Tensor, m: torch.Tensor, 
 
 
 def _high_entropy_mask(entropy: torch.Tensor, m: torch.Tensor, quantile: float, dt) -> torch.Tensor:
-    """Tokens whose entropy is >= the ``1 - top_entropy_quantile`` quantile of the valid tokens."""
+    """Tokens whose entropy is >= the ``1 - top_entropy_quantile`` quantile of the valid tokens of
+    this micro-batch (TRL gathers all ranks first). Selecting the valid tokens syncs with the host."""
     ent = _masked(entropy.detach(), m, dt)
     vals = ent[m]
     if vals.numel() == 0:
@@ -165,14 +156,18 @@ def _high_entropy_mask(entropy: torch.Tensor, m: torch.Tensor, quantile: float, 
 def _vespo_phi(log_ratio, m, adv, is_ratio, k_pos, lambda_pos, k_neg, lambda_neg) -> torch.Tensor:
     """VESPO's detached gamma weight phi(w) = exp(lambda + k log w - lambda w) (SPEC §5.3)."""
     with torch.no_grad():
-        seq = (log_ratio.clamp(-VESPO_TOKEN_LOG_RATIO_CLAMP, VESPO_TOKEN_LOG_RATIO_CLAMP) * m).sum(-1, keepdim=True)
+        seq = (log_ratio.clamp(-VESPO_TOKEN_LOG_RATIO_CLAMP, VESPO_TOKEN_LOG_RATIO_CLAMP) * m).sum(
+            -1, keepdim=True
+        )
         if is_ratio is not None:
             log_is = torch.log(is_ratio).clamp(VESPO_LOG_W_MIN, VESPO_LOG_W_MAX)
             seq = seq + (log_is * m).sum(-1, keepdim=True)
         log_w = seq.clamp(VESPO_LOG_W_MIN, VESPO_LOG_W_MAX)
         nonneg = adv >= 0
         k = torch.where(nonneg, adv.new_tensor(k_pos), adv.new_tensor(k_neg))
-        lam = torch.where(nonneg, adv.new_tensor(lambda_pos), adv.new_tensor(lambda_neg)).clamp(min=VESPO_LAMBDA_MIN)
+        lam = torch.where(nonneg, adv.new_tensor(lambda_pos), adv.new_tensor(lambda_neg)).clamp(
+            min=VESPO_LAMBDA_MIN
+        )
         phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
         return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
@@ -264,9 +259,13 @@ def grpo_loss(
     _check_choice("loss_type", loss_type, GRPO_LOSS_TYPES, hint)
     _check_choice("importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
     if loss_type == "vespo" and importance_sampling_level != "token":
-        raise ValueError("loss_type='vespo' computes its own sequence weight: use importance_sampling_level='token'")
+        raise ValueError(
+            "loss_type='vespo' computes its own sequence weight: use importance_sampling_level='token'"
+        )
     if loss_type == "dr_grpo" and max_completion_length is None:
-        raise ValueError("loss_type='dr_grpo' divides by B * max_completion_length: pass max_completion_length")
+        raise ValueError(
+            "loss_type='dr_grpo' divides by B * max_completion_length: pass max_completion_length"
+        )
     if not 0.0 < top_entropy_quantile <= 1.0:
         raise ValueError(f"top_entropy_quantile must be in (0, 1], got {top_entropy_quantile}")
     if beta != 0.0 and ref_logps is None:
@@ -324,7 +323,9 @@ def grpo_loss(
         tau = torch.where(adv > 0, adv.new_tensor(sapo_temperature_pos), adv.new_tensor(sapo_temperature_neg))
         loss_t = -torch.sigmoid(tau * (w - 1.0)) * 4.0 / tau * adv
     else:  # vespo
-        phi = _vespo_phi(log_ratio, m, adv, is_ratio, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
+        phi = _vespo_phi(
+            log_ratio, m, adv, is_ratio, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg
+        )
         loss_t = -phi * adv * lp
         metrics["vespo/phi_seq_mean"] = _global_mean(phi, m)
 
@@ -404,8 +405,9 @@ def gmpo_loss(
         raise ValueError("beta != 0 needs ref_logps (the KL term is taken against the reference)")
     if top_entropy_quantile < 1.0 and entropy is None:
         raise ValueError("top_entropy_quantile < 1 needs the per-token entropy")
-    b, t = _check_tokens(logps, old_logps=old_logps, ref_logps=ref_logps, completion_mask=completion_mask,
-                         entropy=entropy)
+    b, t = _check_tokens(
+        logps, old_logps=old_logps, ref_logps=ref_logps, completion_mask=completion_mask, entropy=entropy
+    )
     if advantages.shape != (b,):
         raise ValueError(f"advantages must be [B] = ({b},), got {tuple(advantages.shape)}")
     dt = _compute_dtype(logps, old_logps, ref_logps, advantages)
@@ -599,7 +601,9 @@ def ppo_loss(
     if ptx_hidden is not None and (ptx_weight is None or ptx_labels is None):
         raise ValueError("the PPO-ptx term needs ptx_hidden, ptx_weight and ptx_labels")
     if ptx_given and ptx_coef == 0.0:
-        raise ValueError("a pretraining batch was given but ptx_coef is 0: set ptx_coef (InstructGPT's gamma)")
+        raise ValueError(
+            "a pretraining batch was given but ptx_coef is 0: set ptx_coef (InstructGPT's gamma)"
+        )
 
     dt = _compute_dtype(logps, old_logps, ref_logps, advantages, values)
     mb = mask.bool()

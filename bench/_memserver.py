@@ -1,0 +1,60 @@
+"""Fork server for CPU peak-memory measurements (see ``MemoryServer`` in ``_harness``).
+
+Protocol: one JSON request per line on stdin (``module``, ``case``, ``provider``, ``mode``), one
+JSON answer per line on stdout (``peak_extra_bytes`` and ``method``, or ``error``). Each request
+is measured in a child forked from this process, which has imported torch and the family
+modules but run nothing; the child's stdout goes to stderr so it cannot break the protocol.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import sys
+
+import torch  # noqa: F401  (imported once here, inherited by every child)
+
+import alignops  # noqa: F401
+
+from ._harness import measure_in_child
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        hint = " (killed: out of memory?)" if sig == signal.SIGKILL else ""
+        return f"child killed by signal {signal.Signals(sig).name}{hint}"
+    return f"child exited with code {os.WEXITSTATUS(status)} without an answer"
+
+
+def _serve_one(request: dict) -> dict:
+    importlib.import_module(request["module"])  # import in the server: children inherit it
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(read_fd)
+        os.dup2(2, 1)
+        try:
+            result = measure_in_child(request["module"], request["case"], request["provider"], request["mode"])
+        except BaseException as e:  # report, never hang the server
+            result = {"error": f"{type(e).__name__}: {e}"}
+        with os.fdopen(write_fd, "w") as f:
+            f.write(json.dumps(result))
+        os._exit(0)  # no atexit handlers, no thread-pool teardown
+    os.close(write_fd)
+    with os.fdopen(read_fd) as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    return json.loads(data) if data else {"error": _describe(status)}
+
+
+def main() -> None:
+    for line in sys.stdin:
+        if line.strip():
+            print(json.dumps(_serve_one(json.loads(line))), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""``alignops bench``: argument parsing and the run loop (the manual is ``bench/_harness.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from . import _harness as H
+from . import _report
+from .models import DEFAULT_MODELS_CPU, DEFAULT_MODELS_CUDA, MODELS, get_model, with_overrides
+
+FAMILIES = ("linear_cross_entropy", "cross_entropy", "divergence", "dpo_step", "grpo_step")
+DEFAULT_TOKENS_CPU = (512, 1024, 2048)
+DEFAULT_TOKENS_CUDA = (4096, 8192, 16384)
+DEFAULT_DTYPE_CPU = "float32"
+DEFAULT_DTYPE_CUDA = "bfloat16"
+DEFAULT_OUT = H.REPO_ROOT / "bench" / "results"
+
+# --quick: every family once, small enough for < 2 minutes on a 2-core CPU.
+QUICK_MODEL_CPU = "cpu-small"
+QUICK_TOKENS_CPU = (256, 1024)
+QUICK_MODEL_CUDA = "llama3-8b"
+QUICK_TOKENS_CUDA = (4096, 16384)
+QUICK_BUDGET_S = 0.3
+
+
+def _csv(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="alignops bench", description="Microbenchmarks; manual: bench/_harness.py")
+    p.add_argument("--family", type=_csv, default=None, help=f"comma list of {', '.join(FAMILIES)}")
+    p.add_argument("--model", type=_csv, default=None, help=f"comma list of {', '.join(MODELS)}")
+    p.add_argument("--tokens", type=lambda s: [int(x) for x in _csv(s)], default=None, help="N, comma list")
+    p.add_argument("--hidden", type=int, default=None, help="override H of the model")
+    p.add_argument("--vocab", type=int, default=None, help="override V of the model")
+    p.add_argument("--softcap", type=float, default=None, help="override the model's final-logit soft-cap")
+    p.add_argument("--providers", type=_csv, default=None, help="comma list; default: all that apply")
+    p.add_argument("--dtype", type=_csv, default=None, help=f"comma list of {', '.join(H.DTYPES)}")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--mode", type=_csv, default=["all"], help="fwd, bwd, fwd+bwd or all")
+    p.add_argument("--quick", action="store_true", help="every family once, small shapes")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
+    p.add_argument("--tag", default=None, help="JSON file name (default: quick / run)")
+    p.add_argument("--plot", action="store_true", help="draw PNGs (matplotlib)")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    p.add_argument("--no-save", action="store_true", help="print only; write no CSV / JSON")
+    p.add_argument("--memory-report", action="store_true", help="print the memory report block")
+    p.add_argument("--budget-s", type=float, default=None, help="CPU seconds of repetitions per timing")
+    p.add_argument("--list", action="store_true", help="list families, providers and models")
+    return p.parse_args(argv)
+
+
+def _family(name: str) -> ModuleType:
+    if name not in FAMILIES:
+        raise SystemExit(f"unknown family {name!r}; known: {', '.join(FAMILIES)}")
+    return importlib.import_module(f"{__package__}.{name}")
+
+
+def _listing(device: str) -> str:
+    lines = ["families and providers:"]
+    probe = H.Case("probe", "probe", 1, 1, 1, "float32", device)
+    for name in FAMILIES:
+        mod = _family(name)
+        reason = mod.unavailable()
+        lines.append(f"  {name}" + (f"  (skipped: {reason})" if reason else ""))
+        for prov in [] if reason else mod.providers():
+            why = prov.skip_reason(probe)
+            lines.append(f"    {prov.name:<14} {'skipped: ' + why if why else 'runs'}")
+    lines.append("models:")
+    for m in MODELS.values():
+        cap = f" softcap={m.softcap:g}" if m.softcap else ""
+        lines.append(f"  {m.name:<14} H={m.hidden_size:<5} V={m.vocab_size:<7}{cap}  ({m.source})")
+    return "\n".join(lines)
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def run_case(mod: ModuleType, case: H.Case, wanted: list[str] | None, modes: list[str],
+             args: argparse.Namespace, budget_s: float, skips: list[H.Skip],
+             memserver: H.MemoryServer) -> list[H.Record]:
+    records: list[H.Record] = []
+    inputs = mod.make_inputs(case)
+    peaks = H.device_peaks(case.device, case.torch_dtype)
+    reference = None
+    for prov in mod.providers():
+        if wanted is not None and prov.name not in wanted:
+            continue
+        reason = prov.skip_reason(case)
+        if reason:
+            _add_skip(skips, H.Skip(case.family, prov.name, reason))
+            continue
+        label = f"{case.family} {case.model} N={case.tokens} {case.dtype} {prov.name}"
+        try:
+            bound = prov.build(case, inputs)
+            out = H.run_once(bound)
+        except Exception as e:  # a peer that cannot run here is reported, never fatal
+            _add_skip(skips, H.Skip(case.family, prov.name, f"failed: {type(e).__name__}: {_first_line(e)}"))
+            continue
+        if reference is None:
+            reference, agreement = out, None
+        else:
+            agreement = H.compare(reference, out, case.torch_dtype, mod.GRAD_NAMES)
+        for mode in modes:
+            t0 = time.perf_counter()
+            timing = H.time_step(bound, mode, case.device, budget_s)
+            memory = None
+            if not args.no_memory:
+                if case.device == "cuda":
+                    memory = H.memory_cuda(bound, mode)
+                else:
+                    memory = memserver.measure(mod.__name__, case, prov.name, mode)
+            _log(f"{label} {mode}: {timing.p50_ms:.4g} ms"
+                 + (f", {memory.peak_extra_bytes / 2**20:.1f} MiB" if memory and memory.peak_extra_bytes
+                    is not None else "") + f"  ({time.perf_counter() - t0:.1f} s)")
+            records.append(H.Record(
+                case=case, provider=prov.name, mode=mode, timing=timing, memory=memory,
+                grads_bytes=mod.grads_bytes(case), flops=mod.flops(case, mode),
+                bytes_moved=mod.bytes_moved(case, mode), rate_unit=mod.RATE_UNIT, peaks=peaks,
+                agreement=agreement, version=prov.version(), note=bound.note,
+            ))
+        del bound
+        gc.collect()
+    return records
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def _add_skip(skips: list[H.Skip], skip: H.Skip) -> None:
+    if skip not in skips:
+        skips.append(skip)
+
+
+def _run_all(args: argparse.Namespace, device: str, shapes: list, dtypes: list[str], tokens: list[int],
+             modes: list[str], budget_s: float, skips: list[H.Skip], memserver: H.MemoryServer) -> list[H.Record]:
+    records: list[H.Record] = []
+    for fam_name in args.family or FAMILIES:
+        mod = _family(fam_name)
+        reason = mod.unavailable()
+        if reason:
+            _add_skip(skips, H.Skip(fam_name, "*", reason))
+            continue
+        for shape in shapes:
+            softcap = args.softcap if args.softcap is not None else shape.softcap
+            for dtype in dtypes:
+                for n in tokens:
+                    case = H.Case(fam_name, shape.name, n, shape.hidden_size, shape.vocab_size, dtype,
+                                  device, softcap)
+                    records += run_case(mod, case, args.providers, modes, args, budget_s, skips, memserver)
+    return records
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device")
+    if args.list:
+        print(_listing(device))
+        return 0
+    cuda = device == "cuda"
+    if args.quick:
+        models = args.model or [QUICK_MODEL_CUDA if cuda else QUICK_MODEL_CPU]
+        tokens = args.tokens or list(QUICK_TOKENS_CUDA if cuda else QUICK_TOKENS_CPU)
+        budget_s = args.budget_s or QUICK_BUDGET_S
+    else:
+        models = args.model or list(DEFAULT_MODELS_CUDA if cuda else DEFAULT_MODELS_CPU)
+        tokens = args.tokens or list(DEFAULT_TOKENS_CUDA if cuda else DEFAULT_TOKENS_CPU)
+        budget_s = args.budget_s or H.CPU_TIME_BUDGET_S
+    dtypes = args.dtype or [DEFAULT_DTYPE_CUDA if cuda else DEFAULT_DTYPE_CPU]
+    modes = list(H.MODES) if "all" in args.mode else args.mode
+    for m in modes:
+        if m not in H.MODES:
+            raise SystemExit(f"unknown mode {m!r}; known: {', '.join(H.MODES)}, all")
+    for d in dtypes:
+        if d not in H.DTYPES:
+            raise SystemExit(f"unknown dtype {d!r}; known: {', '.join(H.DTYPES)}")
+    shapes = [with_overrides(get_model(m), hidden_size=args.hidden, vocab_size=args.vocab) for m in models]
+
+    env = H.environment(device)
+    skips: list[H.Skip] = []
+    started = time.perf_counter()
+    with H.MemoryServer() as memserver:
+        records = _run_all(args, device, shapes, dtypes, tokens, modes, budget_s, skips, memserver)
+    elapsed_s = time.perf_counter() - started
+
+    peaks = {f"{dev} {str(dt).removeprefix('torch.')}": f"{p.flops_per_s / 1e12:.3g} TFLOP/s, "
+             f"{p.bytes_per_s / 1e9:.3g} GB/s, {p.source}" for (dev, dt), p in H._PEAK_CACHE.items()}
+    print(_report.header(env, peaks))
+    print(_report.table(records))
+    if args.memory_report or args.hidden is not None or args.vocab is not None:
+        print(_report.memory_report(records))
+    print(_report.skipped(skips))
+    print(f"\n{len(records)} measurements in {elapsed_s:.1f} s")
+    if not args.no_save:
+        args.out.mkdir(parents=True, exist_ok=True)
+        tag = args.tag or ("quick" if args.quick else "run")
+        arg_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        written = _report.write_csv(records, env, args.out)
+        written.append(_report.write_json(records, skips, env, arg_dict, args.out / f"{tag}.json"))
+        if args.plot:
+            written += _report.plot(records, env, args.out)
+        print("wrote " + ", ".join(str(p) for p in written))
+    return 0

@@ -1,0 +1,327 @@
+"""Interpreted cases of the fused linear log-probs Triton kernels (``kernels/linear_logprobs.py``).
+
+Not collected by the main run (the name does not start with ``test_``):
+``tests/test_linear_logprobs_interpret.py`` runs this file in a subprocess with
+``TRITON_INTERPRET=1`` set before the kernels are imported, then reports each case. To run it
+by hand: ``TRITON_INTERPRET=1 python -m pytest tests/_interpret_worker.py -q``.
+
+Every value and gradient is checked against a float64 reference written from the math of
+SPEC §1.1 (autograd through full logits, independent of the kernels' gradient formula), with
+random upstream gradients for all four outputs. fp16 / bf16 use the three-way rule of
+``assert_close_lowp`` against the ordinary PyTorch path in the same dtype.
+
+Sizes (reason for each): N = 37, H = 40, V = 203 are multiples of no block size (BN 16 / 64,
+BD 16 / 32 / 64, BV 32 / 128), so every tile has masked rows, hidden columns and vocab rows.
+Small-block configs (BN = 16, BV = 32, BD = 16) make the same shapes span several token
+blocks, hidden chunks and vocab blocks; the default configs are what runs on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 before import (see module docstring)", allow_module_level=True)
+
+from alignops import _utils  # noqa: E402
+from alignops.kernels import linear_logprobs as K  # noqa: E402
+from alignops.reference import logits_ref  # noqa: E402
+from tests._assert import assert_close, assert_close_lowp  # noqa: E402
+
+IGNORE = -100
+GRADS = ("logp", "ent", "lse", "zmean")
+
+# (BN, BV, BD, num_warps, num_stages[, num_splits]) and a workspace size for the backward
+SMALL_FWD = K.FwdConfig(16, 32, 16, 4, 1, 1)  # one split, 3 token blocks, 7 vocab blocks, 3 chunks
+SPLIT3_FWD = K.FwdConfig(16, 32, 16, 4, 1, 3)  # 7 vocab blocks over 3 splits: 3 + 3 + 1
+# 37 * 64 elements: the vocab pass takes 4 chunks of 64 (+ 11) rows, the dh pass 3 token chunks
+SMALL_BWD = K.BwdConfig(16, 32, 16, 4, 1, 37 * 64)
+
+
+@dataclass(frozen=True)
+class Case:
+    N: int = 37
+    H: int = 40
+    V: int = 203
+    dtype: torch.dtype = torch.float32
+    bias: bool = True
+    softcap: float | None = None
+    temperature: float = 1.0
+    ignore: str = "some"  # "none" | "some" | "all"
+    fwd: K.FwdConfig | None = None  # None: the launcher's heuristic (what a GPU runs)
+    bwd: K.BwdConfig | None = None
+    grads: tuple[str, ...] = GRADS  # upstream gradients given (others None)
+    need: tuple[str, ...] = ("dh", "dw", "db")
+    logit_scale: float = 1.0  # std of the raw logits is about 3 * logit_scale
+    strided: bool = False  # hidden as a row-strided view of a wider buffer
+    val_tol: float = 2e-5
+    grad_tol: float = 5e-5
+
+
+CASES = [
+    # default configs: BN 64 > N, BV 128 (2 vocab blocks, one per split), BD 64 > H
+    pytest.param(Case(softcap=5.0, temperature=0.7), id="fp32-default-split-softcap"),
+    # several token blocks / hidden chunks / vocab blocks, no split; backward in chunks
+    pytest.param(Case(bias=False, temperature=1.3, fwd=SMALL_FWD, bwd=SMALL_BWD), id="fp32-small-blocks-chunked"),
+    pytest.param(Case(softcap=3.0, fwd=SPLIT3_FWD, bwd=SMALL_BWD, grads=("ent", "zmean")), id="fp32-split3-uneven"),
+    pytest.param(Case(dtype=torch.float16, softcap=20.0, temperature=0.9), id="fp16-default"),
+    pytest.param(Case(dtype=torch.float16, fwd=SMALL_FWD, bwd=SMALL_BWD), id="fp16-small-blocks"),
+    # bf16 through the DOT_UPCAST switch (the interpreter's bf16 tl.dot is wrong)
+    pytest.param(Case(dtype=torch.bfloat16, softcap=10.0, temperature=1.5), id="bf16-default"),
+    pytest.param(Case(dtype=torch.bfloat16, bias=False, fwd=SPLIT3_FWD, bwd=SMALL_BWD), id="bf16-small-blocks"),
+    # every row ignored: all outputs and gradients exactly 0, no NaN from empty rows
+    pytest.param(Case(ignore="all", softcap=5.0, fwd=SPLIT3_FWD, bwd=SMALL_BWD), id="fp32-all-ignored"),
+    pytest.param(Case(ignore="none", N=16, fwd=None), id="fp32-tiny-batch-BN16"),
+    # |z| ~ 1e4 in fp32: online rescaling must not overflow or lose the entropy. An ulp of 1e4
+    # is 1e-3 and the 40-term dot rounds at that level, so absolute tolerances scale with |z|.
+    pytest.param(Case(logit_scale=3000.0, bias=False, fwd=SMALL_FWD, bwd=SMALL_BWD, val_tol=2e-2, grad_tol=5e-3),
+                 id="fp32-extreme-logits"),
+    # hidden rows 2 H + 3 apart (a [B, T, H] slice), vocab and token chunks in the backward
+    pytest.param(Case(strided=True, softcap=4.0, fwd=SMALL_FWD, bwd=SMALL_BWD), id="fp32-strided-hidden"),
+    # missing upstream gradients and partial needs: dh-only takes the token-chunk pass
+    pytest.param(Case(grads=("logp",), need=("dh",), bwd=SMALL_BWD), id="fp32-glogp-dh-only"),
+    pytest.param(Case(grads=("lse", "ent"), need=("dw", "db")), id="fp32-glse-gent-dw-db"),
+    pytest.param(Case(grads=("zmean",), need=("db",), bias=True), id="fp32-gzmean-db-only"),
+]
+
+
+def _inputs(c: Case, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    hs = 1.0 if c.logit_scale == 1.0 else c.logit_scale ** 0.5
+    if c.strided:
+        wide = torch.randn(c.N, 2 * c.H + 3, generator=g)
+        hidden = wide.to(c.dtype)[:, 3 : 3 + c.H]
+        assert hidden.stride() == (2 * c.H + 3, 1)
+    else:
+        hidden = (torch.randn(c.N, c.H, generator=g) * hs).to(c.dtype)
+    weight = (torch.randn(c.V, c.H, generator=g) * (3.0 * hs / c.H**0.5)).to(c.dtype)
+    bias = (torch.randn(c.V, generator=g) * 0.5).to(c.dtype) if c.bias else None
+    targets = torch.randint(0, c.V, (c.N,), generator=g)
+    if c.ignore == "some":
+        targets[torch.randperm(c.N, generator=g)[: c.N // 4]] = IGNORE
+        targets[0] = IGNORE  # the first row of the first token block
+    elif c.ignore == "all":
+        targets[:] = IGNORE
+    ups = {k: (torch.randn(c.N, generator=g) if k in c.grads else None) for k in GRADS}
+    return hidden, weight, bias, targets, ups
+
+
+def _math(hidden, weight, bias, targets, ups, *, temperature, softcap, lowp: bool = False):
+    """Outputs of SPEC §1.1 and the gradients of sum(g * output) by autograd through full
+    logits. float64 leaves, or (lowp) the ordinary PyTorch path: logits in the input dtype."""
+    if lowp:
+        h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+        b = None if bias is None else bias.detach().clone().requires_grad_()
+        r = F.linear(h, w, b).float()
+        if softcap is not None:
+            r = softcap * torch.tanh(r / softcap)
+        z = r / temperature
+    else:
+        h = hidden.detach().double().requires_grad_()
+        w = weight.detach().double().requires_grad_()
+        b = None if bias is None else bias.detach().double().requires_grad_()
+        z = logits_ref(h, w, b, temperature=temperature, softcap=softcap)
+    valid = targets != IGNORE
+    lse = torch.logsumexp(z, dim=-1)
+    logp = z.gather(-1, targets.clamp(min=0)[:, None])[:, 0] - lse
+    ent = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+    zmean = z.mean(-1)
+    outs = {k: torch.where(valid, x, torch.zeros_like(x))
+            for k, x in zip(GRADS, (logp, ent, lse, zmean))}
+    loss = sum((outs[k] * ups[k].to(z.dtype)).sum() for k in GRADS if ups[k] is not None)
+    loss.backward()
+    grads = {"dh": h.grad, "dw": w.grad, "db": None if b is None else b.grad}
+    return {k: v.detach() for k, v in outs.items()}, grads
+
+
+def _check(name, ref, out, base, *, dtype, tol):
+    if dtype == torch.float32:
+        assert_close(name, ref, out, atol=tol * max(1.0, ref.abs().max().item()), rtol=tol)
+    else:
+        assert_close_lowp(name, ref, out, base)
+
+
+@pytest.mark.parametrize("c", CASES)
+def test_fwd_bwd_against_reference(c: Case):
+    hidden, weight, bias, targets, ups = _inputs(c)
+    opts = dict(ignore_index=IGNORE, temperature=c.temperature, softcap=c.softcap)
+    logp, lse, ent, zmean = K.linear_logprobs_fwd(
+        hidden, weight, targets, bias, need_entropy=True, need_zmean=True, config=c.fwd, **opts
+    )
+    ref, ref_g = _math(hidden, weight, bias, targets, ups, temperature=c.temperature, softcap=c.softcap)
+    base, base_g = (None, None)
+    if c.dtype != torch.float32:
+        base, base_g = _math(hidden, weight, bias, targets, ups, temperature=c.temperature,
+                             softcap=c.softcap, lowp=True)
+    ignored = targets == IGNORE
+    for k, out in zip(GRADS, (logp, ent, lse, zmean)):
+        assert out.dtype == torch.float32 and out.shape == (c.N,), k
+        assert bool((out[ignored] == 0).all()), f"{k}: ignored rows not exactly 0"
+        _check(k, ref[k], out, None if base is None else base[k], dtype=c.dtype, tol=c.val_tol)
+
+    need = {k: k in c.need and (k != "db" or c.bias) for k in ("dh", "dw", "db")}
+    dh, dw, db = K.linear_logprobs_bwd(
+        hidden, weight, targets, bias, lse, ent,
+        g_logp=ups["logp"], g_ent=ups["ent"], g_lse=ups["lse"], g_zmean=ups["zmean"],
+        need_dhidden=need["dh"], need_dweight=need["dw"], need_dbias=need["db"], config=c.bwd, **opts,
+    )
+    for k, out, src in (("dh", dh, hidden), ("dw", dw, weight), ("db", db, bias)):
+        if not need[k]:
+            assert out is None, f"{k} returned though not needed"
+            continue
+        assert out.dtype == src.dtype and out.shape == src.shape, k
+        if c.ignore == "all":
+            assert bool((out == 0).all()), f"{k}: all rows ignored, gradient not exactly 0"
+        if k == "dh":
+            assert bool((out[ignored] == 0).all()), "dh: ignored rows not exactly 0"
+        _check(k, ref_g[k], out, None if base_g is None else base_g[k], dtype=c.dtype, tol=c.grad_tol)
+
+
+def test_vocab_split_matches_no_split():
+    """The split combine is exact up to rounding: 1, 2 and 7 splits agree to fp32 accuracy."""
+    c = Case(softcap=5.0)
+    hidden, weight, bias, targets, _ = _inputs(c, seed=1)
+    outs = [
+        K.linear_logprobs_fwd(hidden, weight, targets, bias, ignore_index=IGNORE, temperature=1.0, softcap=5.0,
+                              need_entropy=True, need_zmean=True, config=SMALL_FWD._replace(num_splits=s))
+        for s in (1, 2, 7)
+    ]
+    for s, o in zip((2, 7), outs[1:]):
+        for k, a, b in zip(GRADS, outs[0], o):
+            assert_close(f"{k} splits={s}", a, b, atol=3e-6, rtol=3e-6)
+
+
+def test_int64_offsets():
+    """Rows of hidden and weight more than 2**31 elements from the base pointer (virtual memory
+    only: the untouched pages of the 4 GiB buffer are never committed). int32 offsets would
+    wrap and read the wrong rows."""
+    n, h, v = 3, 16, 40
+    big = torch.empty(2**31 + 2**20, dtype=torch.float16)
+    hidden = big.as_strided((n, h), (2**30, 1))  # last row starts at exactly 2**31
+    w_stride = 2**31 // (v - 1) + 8
+    weight = big.as_strided((v, h), (w_stride, 1), 64)  # last row past 2**31
+    h_rows = {(i * 2**30) // 64 for i in range(n)}
+    assert not h_rows & {(64 + j * w_stride) // 64 for j in range(v)}, "views overlap"
+    g = torch.Generator().manual_seed(2)
+    hidden.copy_(torch.randn(n, h, generator=g))
+    weight.copy_(torch.randn(v, h, generator=g) * 0.5)
+    targets = torch.tensor([5, IGNORE, v - 1])
+    ups = {k: torch.randn(n, generator=g) for k in GRADS}
+    opts = dict(ignore_index=IGNORE, temperature=1.0, softcap=None)
+    logp, lse, ent, zmean = K.linear_logprobs_fwd(hidden, weight, targets, None, need_entropy=True,
+                                                  need_zmean=True, config=None, **opts)
+    dh, dw, _ = K.linear_logprobs_bwd(
+        hidden, weight, targets, None, lse, ent, g_logp=ups["logp"], g_ent=ups["ent"], g_lse=ups["lse"],
+        g_zmean=ups["zmean"], need_dhidden=True, need_dweight=True, need_dbias=False, config=None, **opts,
+    )
+    ref, ref_g = _math(hidden.clone(), weight.clone(), None, targets, ups, temperature=1.0, softcap=None)
+    base, base_g = _math(hidden.clone(), weight.clone(), None, targets, ups, temperature=1.0, softcap=None,
+                         lowp=True)
+    for k, out in zip(GRADS, (logp, ent, lse, zmean)):
+        assert_close_lowp(k, ref[k], out, base[k])
+    assert_close_lowp("dh", ref_g["dh"], dh, base_g["dh"])
+    assert_close_lowp("dw", ref_g["dw"], dw, base_g["dw"])
+
+
+def test_poison_catches_unwritten_outputs(monkeypatch):
+    """With ALIGNOPS_POISON=1 (the conftest) outputs start as NaN; a launch that misses its last
+    token block leaves NaN that the checks reject."""
+    assert _utils.poison_enabled()
+    c = Case()
+    hidden, weight, bias, targets, ups = _inputs(c)
+    ref, ref_g = _math(hidden, weight, bias, targets, ups, temperature=1.0, softcap=None)
+    launch = K._launch
+
+    def short_launch(kernel, grid, **kwargs):
+        if grid[0] > 1:
+            launch(kernel, (grid[0] - 1, *grid[1:]), **kwargs)
+
+    monkeypatch.setattr(K, "_launch", short_launch)
+    opts = dict(ignore_index=IGNORE, temperature=1.0, softcap=None)
+    logp, lse, ent, _ = K.linear_logprobs_fwd(hidden, weight, targets, bias, need_entropy=True,
+                                              need_zmean=False, config=SMALL_FWD, **opts)
+    assert torch.isnan(logp).any()
+    with pytest.raises(AssertionError, match="non-finite"):
+        assert_close("logp", ref["logp"], logp, atol=1.0)
+    monkeypatch.setattr(K, "_launch", launch)
+    logp, lse, ent, _ = K.linear_logprobs_fwd(hidden, weight, targets, bias, need_entropy=True,
+                                              need_zmean=False, config=SMALL_FWD, **opts)
+    monkeypatch.setattr(K, "_launch", short_launch)
+    dh, dw, db = K.linear_logprobs_bwd(
+        hidden, weight, targets, bias, lse, ent, g_logp=ups["logp"], g_ent=ups["ent"], g_lse=ups["lse"],
+        g_zmean=None, need_dhidden=True, need_dweight=True, need_dbias=True, config=SMALL_BWD, **opts,
+    )
+    for k, out in (("dh", dh), ("dw", dw), ("db", db)):
+        assert torch.isnan(out).any(), f"{k}: a short launch left no NaN"
+        with pytest.raises(AssertionError, match="non-finite"):
+            assert_close(k, ref_g[k], out, atol=1.0)
+
+
+def test_public_api_reaches_triton(monkeypatch):
+    """alignops.linear_logprobs with ALIGNOPS_BACKEND=triton runs these launchers (counted) and
+    its autograd matches the reference for random upstream gradients of logps, entropy, lse."""
+    import alignops
+
+    monkeypatch.setenv("ALIGNOPS_BACKEND", "triton")
+    calls = {"fwd": 0, "bwd": 0}
+    fwd, bwd = K.linear_logprobs_fwd, K.linear_logprobs_bwd
+
+    def count(name, fn):
+        def wrapped(*a, **kw):
+            calls[name] += 1
+            return fn(*a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(K, "linear_logprobs_fwd", count("fwd", fwd))
+    monkeypatch.setattr(K, "linear_logprobs_bwd", count("bwd", bwd))
+    c = Case(N=2 * 19, softcap=7.0, temperature=0.8)
+    hidden, weight, bias, targets, ups = _inputs(c, seed=3)
+    ups["zmean"] = None
+    h = hidden.view(2, 19, c.H).clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    b = bias.clone().requires_grad_()
+    out = alignops.linear_logprobs(h, w, targets.view(2, 19), bias=b, temperature=0.8, softcap=7.0,
+                                   return_entropy=True, return_lse=True)
+    loss = sum((x.reshape(-1) * ups[k]).sum() for k, x in (("logp", out.logps), ("ent", out.entropy),
+                                                            ("lse", out.lse)))
+    loss.backward()
+    assert calls == {"fwd": 1, "bwd": 1}, calls
+    ref, ref_g = _math(hidden, weight, bias, targets, ups, temperature=0.8, softcap=7.0)
+    for k, x in (("logp", out.logps), ("ent", out.entropy), ("lse", out.lse)):
+        assert_close(k, ref[k], x.detach().reshape(-1), atol=2e-5, rtol=2e-5)
+    for k, x in (("dh", h.grad.reshape(c.N, c.H)), ("dw", w.grad), ("db", b.grad)):
+        assert_close(k, ref_g[k], x, atol=5e-5 * max(1.0, ref_g[k].abs().max().item()), rtol=5e-5)
+
+
+def test_bad_inputs_raise():
+    c = Case(N=5, V=7, H=8)
+    hidden, weight, bias, targets, _ = _inputs(c)
+    kw = dict(ignore_index=IGNORE, temperature=1.0, softcap=None, need_entropy=False, need_zmean=False)
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        K.linear_logprobs_fwd(hidden.T.contiguous().T, weight, targets, bias, **kw)
+    with pytest.raises(TypeError, match="one dtype"):
+        K.linear_logprobs_fwd(hidden, weight.half(), targets, bias, **kw)
+    with pytest.raises(TypeError, match="one dtype"):
+        K.linear_logprobs_fwd(hidden.double(), weight.double(), targets, bias, **kw)
+    with pytest.raises(TypeError, match="int64"):
+        K.linear_logprobs_fwd(hidden, weight, targets.int(), bias, **kw)
+    with pytest.raises(ValueError, match="hidden size mismatch"):
+        K.linear_logprobs_fwd(hidden[:, :4], weight, targets, bias, **kw)
+    with pytest.raises(ValueError, match="bias"):
+        K.linear_logprobs_fwd(hidden, weight, targets, bias[:3], **kw)
+    with pytest.raises(ValueError, match="temperature"):
+        K.linear_logprobs_fwd(hidden, weight, targets, bias, **{**kw, "temperature": 0.0})
+    with pytest.raises(ValueError, match="softcap"):
+        K.linear_logprobs_fwd(hidden, weight, targets, bias, **{**kw, "softcap": -1.0})
+    lse = torch.zeros(c.N)
+    bkw = dict(g_logp=None, g_lse=None, g_zmean=None, ignore_index=IGNORE, temperature=1.0, softcap=None,
+               need_dhidden=True, need_dweight=False, need_dbias=False)
+    with pytest.raises(ValueError, match="entropy"):
+        K.linear_logprobs_bwd(hidden, weight, targets, bias, lse, None, g_ent=torch.ones(c.N), **bkw)
+    with pytest.raises(ValueError, match="without a bias"):
+        K.linear_logprobs_bwd(hidden, weight, targets, None, lse, None, g_ent=None, **{**bkw, "need_dbias": True})

@@ -1,0 +1,323 @@
+"""Binary / unpaired feedback losses (SPEC §8): KTO, BCO, DRO.
+
+float64 references written from SPEC §8 below; KTO is also run against TRL 1.16's
+``KTOTrainer._compute_loss`` on the same per-token log-probs (a stub "model" returns them; the
+trainer instance is built without ``__init__`` and carries only the fields the method reads).
+TRL 1.16 has no BCO trainer (SPEC §0), so BCO is checked against the float64 reference only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from types import SimpleNamespace as NS
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alignops.losses import RewardRunningMean, bco_loss, dro_loss, kto_loss, udm_weights
+from tests._assert import assert_close
+
+F64 = torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 references (SPEC §8)
+
+
+def ref_kto(pw, pl, rw, rl, pk, rk, *, beta, wd, wu, kind):
+    uw, ul = pw - rw.detach(), pl - rl.detach()  # reference log-probs are constants
+    if kind == "kto":
+        z0 = torch.clamp((pk - rk).mean(), min=0).detach()
+        cw = 1 - torch.sigmoid(beta * (uw - z0))
+        cl = 1 - torch.sigmoid(beta * (z0 - ul))
+    else:
+        cw = 1 - torch.sigmoid(beta * uw)
+        cl = torch.sigmoid(beta * ul)
+    return torch.cat((wd * cw, wu * cl))
+
+
+def ref_bco(pw, pl, rw, rl, *, beta, delta, omega=None):
+    cw = -F.logsigmoid(beta * (pw - rw.detach()) - delta)
+    cl = -F.logsigmoid(-(beta * (pl - rl.detach()) - delta))
+    if omega is not None:
+        cl = cl * omega
+    return torch.cat((cw, cl))
+
+
+def ref_dro(s, sref, r, v, *, tau):
+    u = s - sref
+    pol = -s * (r - v).detach() + tau / 2 * u**2
+    val = 0.5 * (r - v - tau * u.detach()) ** 2
+    return pol + val
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _unpaired(nd=7, nu=5, seed=0, scale=20.0):
+    g = torch.Generator().manual_seed(seed)
+    pw = -scale * torch.rand(nd, generator=g, dtype=F64) - 1
+    pl = -scale * torch.rand(nu, generator=g, dtype=F64) - 1
+    rw = pw + 3 * torch.randn(nd, generator=g, dtype=F64)
+    rl = pl + 3 * torch.randn(nu, generator=g, dtype=F64)
+    return pw, pl, rw, rl
+
+
+def _grads_close(name, out_losses, want, x_ours, x_ref, atol=1e-5, rtol=1e-5):
+    g = torch.randn(want.shape, dtype=F64)
+    got = torch.autograd.grad((out_losses * g.to(out_losses.dtype)).sum(), x_ours, allow_unused=True)
+    exp = torch.autograd.grad((want * g).sum(), x_ref, allow_unused=True)
+    for i, (a, e) in enumerate(zip(got, exp)):
+        a = torch.zeros_like(x_ours[i]) if a is None else a
+        e = torch.zeros_like(x_ref[i]) if e is None else e
+        assert_close(f"{name}/grad{i}", e, a, atol=atol, rtol=rtol)
+
+
+def _leaves(ts, dtype=torch.float32):
+    return [t.detach().to(dtype).requires_grad_(True) for t in ts], [
+        t.detach().to(dtype).to(F64).requires_grad_(True) for t in ts
+    ]
+
+
+@pytest.mark.parametrize(
+    "kind,beta,wd,wu,nd,nu",
+    [
+        ("kto", 0.1, 1.0, 1.0, 7, 5),
+        ("kto", 0.5, 1.33, 0.8, 3, 9),
+        ("kto", 0.1, 1.0, 1.0, 6, 0),  # batch without undesirable rows
+        ("kto", 0.1, 1.0, 1.0, 0, 6),  # batch without desirable rows
+        ("apo_zero_unpaired", 0.2, 1.0, 2.0, 7, 5),
+    ],
+)
+def test_kto_matches_reference(kind, beta, wd, wu, nd, nu):
+    pw, pl, rw, rl = _unpaired(nd, nu)
+    pk, _, rk, _ = _unpaired(nd + nu, 1, seed=1, scale=10.0)
+    xo, xr = _leaves([pw, pl, rw, rl, pk, rk])
+    out = kto_loss(
+        *xo[:4],
+        policy_kl_logps=xo[4],
+        ref_kl_logps=xo[5],
+        beta=beta,
+        desirable_weight=wd,
+        undesirable_weight=wu,
+        loss_type=kind,
+    )
+    want = ref_kto(*xr, beta=beta, wd=wd, wu=wu, kind=kind)
+    assert_close("kto/losses", want, out.losses, atol=1e-6, rtol=1e-5)
+    assert_close("kto/loss", want.mean(), out.loss, atol=1e-6, rtol=1e-5)
+    _grads_close("kto", out.losses, want, xo, xr, atol=1e-7)
+    z0 = torch.clamp((pk - rk).mean(), min=0) if kind == "kto" else torch.zeros((), dtype=F64)
+    assert_close("kto/kl", z0, out.metrics["kl"], atol=1e-5, rtol=1e-6)
+    if nd:
+        assert_close(
+            "kto/rewards/chosen",
+            (beta * (pw - rw)).mean(),
+            out.metrics["rewards/chosen"],
+            atol=1e-5,
+            rtol=1e-5,
+        )
+    else:
+        assert "rewards/chosen" not in out.metrics and "rewards/margins" not in out.metrics
+    if nd and nu:
+        margin = (beta * (pw - rw)).mean() - (beta * (pl - rl)).mean()
+        assert_close("kto/rewards/margins", margin, out.metrics["rewards/margins"], atol=1e-5, rtol=1e-5)
+
+
+def test_kto_given_kl_is_clamped_and_matches_kl_logps():
+    pw, pl, rw, rl = _unpaired()
+    pk, _, rk, _ = _unpaired(12, 1, seed=4)
+    a = kto_loss(pw, pl, rw, rl, policy_kl_logps=pk, ref_kl_logps=rk)
+    b = kto_loss(pw, pl, rw, rl, kl=(pk - rk).mean())
+    assert_close("kto/kl-equivalence", a.losses, b.losses, atol=1e-7)
+    neg = kto_loss(pw, pl, rw, rl, kl=-3.0)  # z0 = clamp_min(kl, 0) = 0
+    zero = ref_kto(
+        pw, pl, rw, rl, torch.zeros(1, dtype=F64), torch.zeros(1, dtype=F64), beta=0.1, wd=1, wu=1, kind="kto"
+    )
+    assert_close("kto/negative-kl", zero, neg.losses, atol=1e-6, rtol=1e-6)
+    empty = kto_loss(pw[:0], pl[:0], rw[:0], rl[:0], kl=0.0)
+    assert empty.loss.item() == 0.0 and empty.losses.numel() == 0
+
+
+def test_kto_matches_trl():
+    """TRL 1.16 ``KTOTrainer._compute_loss`` (KL rows + precomputed reference log-probs)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trl import KTOTrainer
+    g = torch.Generator().manual_seed(3)
+    b, t = 9, 8
+    labels = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 1], dtype=torch.bool)
+    comp = (torch.rand(b, t, generator=g) > 0.3).long()
+    kl_comp = (torch.rand(b, t, generator=g) > 0.3).long()
+    tok = (-3 * torch.rand(b, t - 1, generator=g)).requires_grad_(True)
+    kl_tok = -3 * torch.rand(b, t - 1, generator=g)
+    ref_logps = (tok.detach() * comp[:, 1:]).sum(-1) + 2 * torch.randn(b, generator=g)
+    ref_kl = (kl_tok * kl_comp[:, 1:]).sum(-1) + torch.randn(b, generator=g)
+    ids = torch.randint(0, 50, (b, t), generator=g)
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones(b, t, dtype=torch.long),
+        "completion_mask": comp,
+        "KL_input_ids": ids + 1000,
+        "KL_attention_mask": torch.ones(b, t, dtype=torch.long),
+        "KL_completion_mask": kl_comp,
+        "label": labels,
+        "ref_logps": ref_logps,
+        "ref_KL_logps": ref_kl,
+    }
+
+    def model(**kw):
+        kl_call = bool(kw["input_ids"][0, 0] >= 1000)
+        lp = kl_tok * kl_comp[:, 1:] if kl_call else tok * comp[:, 1:]
+        return NS(log_probs=lp, entropy=torch.zeros(b, t - 1), mean_logits=torch.zeros(b, t - 1))
+
+    model.training = True
+    for kind in ("kto", "apo_zero_unpaired"):
+        trainer = object.__new__(KTOTrainer)
+        acc = NS(device=torch.device("cpu"), gather_for_metrics=lambda x: x)
+        for k, v in dict(
+            model=model,
+            accelerator=acc,
+            precompute_ref_logps=True,
+            calculate_KL=kind == "kto",
+            aux_loss_enabled=False,
+            loss_type=kind,
+            beta=0.3,
+            desirable_weight=1.2,
+            undesirable_weight=0.9,
+            _metrics={"train": defaultdict(list)},
+            _total_train_tokens=0,
+            _tp_size=1,
+        ).items():
+            setattr(trainer, k, v)
+        trl_loss = trainer._compute_loss(model, batch, False)
+
+        s = (tok * comp[:, 1:]).sum(-1)
+        s_kl = (kl_tok * kl_comp[:, 1:]).sum(-1)
+        out = kto_loss(
+            s[labels],
+            s[~labels],
+            ref_logps[labels],
+            ref_logps[~labels],
+            policy_kl_logps=s_kl if kind == "kto" else None,
+            ref_kl_logps=ref_kl if kind == "kto" else None,
+            beta=0.3,
+            desirable_weight=1.2,
+            undesirable_weight=0.9,
+            loss_type=kind,
+        )
+        assert_close(f"kto-vs-trl[{kind}]/loss", trl_loss.detach(), out.loss, atol=1e-6, rtol=1e-6)
+        m = trainer._metrics["train"]
+        for key in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen"):
+            assert_close(
+                f"kto-vs-trl[{kind}]/{key}", torch.tensor(m[key][-1]), out.metrics[key], atol=1e-5, rtol=1e-5
+            )
+        up = torch.randn(())
+        (g_trl,) = torch.autograd.grad(trl_loss * up, tok)
+        (g_ours,) = torch.autograd.grad(out.loss * up, tok)
+        assert_close(f"kto-vs-trl[{kind}]/grad", g_trl, g_ours, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_udm", [False, True])
+def test_bco_matches_reference(with_udm):
+    pw, pl, rw, rl = _unpaired(8, 6, seed=5)
+    omega = udm_weights(torch.rand(6, dtype=F64)) if with_udm else None
+    xo, xr = _leaves([pw, pl, rw, rl])
+    out = bco_loss(*xo, beta=0.2, delta=0.7, rejected_weights=omega)
+    want = ref_bco(*xr, beta=0.2, delta=0.7, omega=omega)
+    assert_close("bco/losses", want, out.losses, atol=1e-5, rtol=1e-5)
+    _grads_close("bco", out.losses, want, xo, xr)
+    assert_close("bco/delta", torch.tensor(0.7, dtype=F64), out.metrics["delta"], atol=1e-7)
+
+
+def test_bco_running_mean_is_updated_before_the_loss():
+    """δ = mean of every reward seen so far, this batch included (SPEC §8.2)."""
+    running = RewardRunningMean()
+    seen = []
+    for step in range(3):
+        pw, pl, rw, rl = _unpaired(4 + step, 3, seed=10 + step)
+        out = bco_loss(pw.float(), pl.float(), rw.float(), rl.float(), beta=0.1, delta=running)
+        seen.append(torch.cat((0.1 * (pw - rw), 0.1 * (pl - rl))))
+        delta = torch.cat(seen).mean()
+        assert_close(f"bco/delta-step{step}", delta, out.metrics["delta"], atol=1e-6, rtol=1e-6)
+        want = ref_bco(pw, pl, rw, rl, beta=0.1, delta=delta)
+        assert_close(f"bco/losses-step{step}", want, out.losses, atol=1e-5, rtol=1e-5)
+
+
+def test_udm_weights_clamp():
+    p = torch.tensor([0.0, 0.2, 0.5, 0.9, 0.99], dtype=F64)
+    want = (p / (1 - p + 1e-8)).clamp(0.5, 10.0)
+    assert_close("udm", want, udm_weights(p), atol=1e-12)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.3])
+def test_dro_matches_reference_and_joint_objective_gradient(tau):
+    g = torch.Generator().manual_seed(6)
+    b = 11
+    s = -10 * torch.rand(b, generator=g, dtype=F64)
+    sref = s + torch.randn(b, generator=g, dtype=F64)
+    r = torch.randn(b, generator=g, dtype=F64).sign()
+    v = 0.5 * torch.randn(b, generator=g, dtype=F64)
+    xo, xr = _leaves([s, sref, r, v])
+    out = dro_loss(*xo, tau=tau)
+    want = ref_dro(xr[0], xr[1].detach(), xr[2], xr[3], tau=tau)
+    assert_close("dro/losses", want, out.losses, atol=1e-5, rtol=1e-5)
+    _grads_close("dro", out.losses, want, [xo[0], xo[3]], [xr[0], xr[3]])
+    # SPEC §8.3: ∇_θ of the policy term = ∇_θ ½ (r - V - τ u)² / τ; ∇_V of the value term = ∇_V of it.
+    x = s.clone().requires_grad_(True)
+    vv = v.clone().requires_grad_(True)
+    joint = 0.5 * (r - vv - tau * (x - sref)) ** 2
+    gx, gv = torch.autograd.grad(joint.sum(), (x, vv))
+    x2 = s.clone().requires_grad_(True)
+    v2 = v.clone().requires_grad_(True)
+    ox, ov = torch.autograd.grad(dro_loss(x2, sref, r, v2, tau=tau).losses.sum(), (x2, v2))
+    assert_close("dro/policy-grad", gx / tau, ox, atol=1e-10, rtol=1e-10)
+    assert_close("dro/value-grad", gv, ov, atol=1e-10, rtol=1e-10)
+
+
+def test_dro_without_values_uses_batch_mean_baseline():
+    s = torch.tensor([-3.0, -5.0, -1.0], dtype=F64, requires_grad=True)
+    r = torch.tensor([1.0, -1.0, 1.0], dtype=F64)
+    out = dro_loss(s, s.detach() + 0.5, r)
+    want = -s * (r - r.mean()) + 0.5 * (0.5) ** 2
+    assert_close("dro/no-values", want, out.losses, atol=1e-12)
+
+
+def test_extreme_margins_and_bf16():
+    big = torch.tensor([-1e4, -1.0, -5e3, -2.0])
+    small = torch.tensor([-1.0, -1e4, -2.0, -5e3])
+    for fn in (
+        lambda a, b, c, d: kto_loss(a, b, c, d, kl=5.0),
+        lambda a, b, c, d: kto_loss(a, b, c, d, loss_type="apo_zero_unpaired"),
+        lambda a, b, c, d: bco_loss(a, b, c, d, delta=3.0),
+        lambda a, b, c, d: dro_loss(a, c, torch.ones(4), b / 10),
+    ):
+        xs = [big.clone().requires_grad_(True), small.clone().requires_grad_(True), small, big]
+        out = fn(*xs)
+        grads = torch.autograd.grad((out.losses * torch.randn(out.losses.shape)).sum(), xs[:2])
+        assert torch.isfinite(out.losses).all() and all(torch.isfinite(g).all() for g in grads)
+    # bf16 inputs: fp32 arithmetic on the bf16-rounded values, bf16 gradients
+    pw, pl, rw, rl = _unpaired(6, 5, seed=9, scale=5.0)
+    xo, xr = _leaves([pw, pl, rw, rl], dtype=torch.bfloat16)
+    out = bco_loss(*xo, beta=0.5, delta=0.1)
+    assert out.losses.dtype == torch.float32
+    want = ref_bco(*xr, beta=0.5, delta=0.1)
+    assert_close("bco-bf16/losses", want, out.losses, atol=1e-5, rtol=1e-5)
+    _grads_close("bco-bf16", out.losses, want, xo, xr, atol=1e-3, rtol=8e-3)
+
+
+def test_bad_inputs_raise_clear_errors():
+    pw, pl, rw, rl = _unpaired()
+    with pytest.raises(ValueError, match="batch size"):
+        kto_loss(pw, pl, rw[:-1], rl, kl=0.0)
+    with pytest.raises(ValueError, match="reference point"):
+        kto_loss(pw, pl, rw, rl)
+    with pytest.raises(ValueError, match="valid choices: kto, apo_zero_unpaired"):
+        kto_loss(pw, pl, rw, rl, kl=0.0, loss_type="bco")
+    with pytest.raises(ValueError, match="NaN"):
+        bco_loss(pw, pl * float("nan"), rw, rl)
+    with pytest.raises(ValueError, match="batch size"):
+        bco_loss(pw, pl, rw, rl, rejected_weights=torch.ones(2))
+    with pytest.raises(ValueError, match="batch size"):
+        dro_loss(pw, rw, torch.ones(3), torch.zeros(7))
