@@ -63,8 +63,10 @@ float ones) when they are not. fp32 inputs use IEEE fp32 dots unless
 ``torch.get_float32_matmul_precision()`` allows TF32. Offsets are int64 wherever a program id
 or row index multiplies a row length.
 
-Interpreter note: ``TRITON_INTERPRET=1`` computes ``tl.dot`` on bf16 operands wrongly (triton
-issue 11584); the launchers then set ``DOT_UPCAST`` so the operands are upcast to fp32 first.
+Interpreter note: under ``TRITON_INTERPRET=1`` (triton 3.9) ``tl.dot`` on bf16 operands is wrong
+(triton issue 11584) and an fp32 -> bf16 cast truncates instead of rounding to nearest. With
+bf16 inputs the launchers then set the constexpr ``INTERP_BF16``: dot operands are upcast to
+fp32 and the backward's bf16 stores round by hand (`_to_bf16_rne`). It is never on for a GPU.
 """
 
 from __future__ import annotations
@@ -123,9 +125,18 @@ def _tanh(x):
 
 
 @triton.jit
+def _to_bf16_rne(x):
+    """fp32 -> bf16 rounded to nearest even, by hand: the interpreter truncates a plain cast.
+    Only used under the interpreter (``INTERP_BF16``); finite inputs."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _logits_tile(
     p_h, p_w, p_b, o_n, m_n, o_v, m_v, d_stop, H, stride_hn, stride_wv, inv_temp, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, INTERP_BF16: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
 ):
     """Transformed logits ``z`` [BN, BV] (fp32) of rows ``o_n`` and vocab rows ``o_v``, and
@@ -140,7 +151,7 @@ def _logits_tile(
         # W tile loaded transposed, [BD, BV]: no tl.trans needed before the dot
         p_wd = p_w + o_v[None, :] * stride_wv + o_d[:, None]
         b_w = tl.load(p_wd, mask=m_d[:, None] & m_v[None, :], other=0.0)
-        if DOT_UPCAST:
+        if INTERP_BF16:
             b_h = b_h.to(tl.float32)
             b_w = b_w.to(tl.float32)
         # [BN, BD] @ [BD, BV] -> [BN, BV], fp32 accumulator
@@ -165,7 +176,7 @@ def _linear_logprobs_fwd_kernel(
     p_h, p_w, p_b, p_y, p_part,
     N, V, H, stride_hn, stride_wv, blocks_per_split, ignore_index, inv_temp, softcap,
     NEED_ENT: tl.constexpr, NEED_ZMEAN: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, INTERP_BF16: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
 ):
     """One (token block, vocab split): partial (max, sum-exp, z_y, t, sum z) per row into
@@ -195,7 +206,7 @@ def _linear_logprobs_fwd_kernel(
         m_v = o_v < v_hi
         b_z, _ = _logits_tile(
             p_h, p_w, p_b, o_n, m_n, o_v, m_v, d_stop, H, stride_hn, stride_wv, inv_temp, softcap,
-            HAS_BIAS, HAS_SOFTCAP, DOT_UPCAST, INPUT_PRECISION, BN, BV, BD,
+            HAS_BIAS, HAS_SOFTCAP, INTERP_BF16, INPUT_PRECISION, BN, BV, BD,
         )
         b_z = tl.where(m_v[None, :], b_z, float("-inf"))
         b_mnew = tl.maximum(b_m, tl.max(b_z, axis=1))
@@ -295,7 +306,7 @@ def _linear_logprobs_bwd_kernel(
     ignore_index, inv_temp, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_G_LOGP: tl.constexpr,
     HAS_G_ENT: tl.constexpr, HAS_G_LSE: tl.constexpr, HAS_G_ZMEAN: tl.constexpr,
-    HAS_DZ: tl.constexpr, HAS_DB: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    HAS_DZ: tl.constexpr, HAS_DB: tl.constexpr, INTERP_BF16: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
 ):
     """One [BN, BV] tile of the chunk (rows ``n_lo + [0, n_count)``, vocab rows
@@ -317,7 +328,7 @@ def _linear_logprobs_bwd_kernel(
 
     b_z, b_th = _logits_tile(
         p_h, p_w, p_b, o_n, m_r, o_v, m_c, d_stop, H, stride_hn, stride_wv, inv_temp, softcap,
-        HAS_BIAS, HAS_SOFTCAP, DOT_UPCAST, INPUT_PRECISION, BN, BV, BD,
+        HAS_BIAS, HAS_SOFTCAP, INTERP_BF16, INPUT_PRECISION, BN, BV, BD,
     )
     m_tile = m_valid[:, None] & m_c[None, :]
     b_lse = tl.load(p_lse + o_n, mask=m_valid, other=0.0)
@@ -344,7 +355,11 @@ def _linear_logprobs_bwd_kernel(
 
     if HAS_DZ:
         p_out = p_dz + o_r[:, None] * stride_dz + o_c[None, :]
-        tl.store(p_out, b_dz.to(p_dz.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+        if INTERP_BF16:
+            b_out = _to_bf16_rne(b_dz)
+        else:
+            b_out = b_dz.to(p_dz.dtype.element_ty)
+        tl.store(p_out, b_out, mask=m_r[:, None] & m_c[None, :])
     if HAS_DB:
         tl.store(p_db + i_n * stride_db + o_c, tl.sum(b_dz, axis=0), mask=m_c)
 
@@ -429,9 +444,9 @@ def _interpreting() -> bool:
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
-    upcast = _interpreting() and dtype == torch.bfloat16
+    interp_bf16 = _interpreting() and dtype == torch.bfloat16
     tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
-    return {"DOT_UPCAST": upcast, "INPUT_PRECISION": "tf32" if tf32 else "ieee"}
+    return {"INTERP_BF16": interp_bf16, "INPUT_PRECISION": "tf32" if tf32 else "ieee"}
 
 
 def _dot_flags_default(dtype: torch.dtype) -> dict:
@@ -670,7 +685,7 @@ def _aot_specs() -> list[AotSpec]:
          "n_lo", "n_count", "v_lo", "v_count", "stride_dz", "stride_db"], "i32")
     for dtype in (torch.bfloat16, torch.float32):
         ty = "*" + _TY[dtype]
-        flags = {"DOT_UPCAST": False, **_dot_flags_default(dtype)}
+        flags = {"INTERP_BF16": False, **_dot_flags_default(dtype)}
         for n in (C.LLP_SMALL_N_MAX, C.LLP_SMALL_N_MAX + 1):
             fc = fwd_config(n, 0, 0, dtype)
             bc = bwd_config(n, 0, 0, dtype)
