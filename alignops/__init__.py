@@ -2,24 +2,55 @@
 
 Never materializes the full ``[tokens, vocab]`` logits. CUDA tensors run Triton kernels;
 every other device runs a chunked PyTorch engine with the same math and memory bound.
+
+Layers: the heavy part (``linear_logprobs``, ``linear_cross_entropy``, ``cross_entropy``)
+produces per-token log-probs; ``alignops.sequence`` reduces them per sequence; the loss
+catalog ``alignops.losses`` and the RL helpers ``alignops.rl`` work on those, so cached
+reference log-probs plug in unchanged.
 """
 
-from .linear_logprobs import (
-    LogProbsOutput,
-    linear_cross_entropy,
-    linear_logprobs,
+from . import losses  # noqa: F401  (the catalog: alignops.losses.dpo_loss, ...)
+from .cross_entropy import cross_entropy
+from .linear_logprobs import LogProbsOutput, linear_cross_entropy, linear_logprobs
+from .rl import (
+    GAEOutput,
+    PPORewards,
+    compute_gae,
+    group_advantages,
+    grpo_loss_from_hidden,
+    kl_estimate,
+    ppo_loss_from_hidden,
+    ppo_rewards,
+    rloo_advantages,
+    sampling_importance_ratio,
+    truncated_mask,
+    whiten,
 )
-
-try:  # TEMPORARY until alignops/cross_entropy.py lands
-    from .cross_entropy import cross_entropy
-except ImportError:  # pragma: no cover
-    from .reference import cross_entropy_ref as cross_entropy
+from .sequence import SequenceLogProbs, reduce_packed, reduce_padded, sequence_logprobs, split_pair
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GAEOutput",
     "LogProbsOutput",
+    "PPORewards",
+    "SequenceLogProbs",
+    "compute_gae",
     "cross_entropy",
+    "group_advantages",
+    "grpo_loss_from_hidden",
+    "kl_estimate",
     "linear_cross_entropy",
     "linear_logprobs",
+    "losses",
+    "ppo_loss_from_hidden",
+    "ppo_rewards",
+    "reduce_packed",
+    "reduce_padded",
+    "rloo_advantages",
+    "sampling_importance_ratio",
+    "sequence_logprobs",
+    "split_pair",
+    "truncated_mask",
+    "whiten",
 ]

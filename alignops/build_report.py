@@ -113,9 +113,10 @@ def parse_archs(text: str) -> list[Arch]:
 # --------------------------------------------------------------------------------------
 
 
-def discover(extra_modules: list[str] = ()) -> tuple[list[tuple[str, Any]], list[Row]]:
-    """``[(module name, AotSpec)]`` from every public module of ``alignops.kernels`` plus
-    ``extra_modules``, and one FAIL row per module that could not be imported."""
+def discover(extra_modules: list[str] = ()) -> tuple[list[tuple[str, int, Any]], list[Row]]:
+    """``[(module name, index in its AOT_SPECS, AotSpec)]`` from every public module of
+    ``alignops.kernels`` plus ``extra_modules``, and one FAIL row per module that could not
+    be imported."""
     import alignops.kernels as pkg
 
     names = [
@@ -128,8 +129,8 @@ def discover(extra_modules: list[str] = ()) -> tuple[list[tuple[str, Any]], list
         except Exception as e:  # a broken module is a build failure, reported like one
             failed.append(Row(name, "-", "-", "-", "FAIL", error=f"import failed: {type(e).__name__}: {e}"))
             continue
-        for spec in getattr(mod, "AOT_SPECS", []):
-            specs.append((name, spec))
+        for i, spec in enumerate(getattr(mod, "AOT_SPECS", [])):
+            specs.append((name, i, spec))
     return specs, failed
 
 
@@ -260,7 +261,11 @@ def build_one(module: str, spec, arch: Arch, workdir: str) -> Row:
         row.registers, row.stack, row.shared_static, row.local = _resources(cubin, name)
         row.shared_dynamic = int(compiled.metadata.shared)
         row.tensor_cores = _tensor_core_op(cubin)
-        row.spill_stores, row.spill_loads = _spills(ptx, arch, bool(compiled.metadata.enable_fp_fusion), workdir)
+        if row.stack == 0 and row.local == 0:
+            row.spill_stores = row.spill_loads = 0  # spill slots live in the stack frame
+        else:
+            fusion = bool(compiled.metadata.enable_fp_fusion)
+            row.spill_stores, row.spill_loads = _spills(ptx, arch, fusion, workdir)
     except Exception as e:
         row.error = f"inspection failed: {type(e).__name__}: {_first_lines(str(e))}"
         return row
@@ -272,6 +277,33 @@ def build_one(module: str, spec, arch: Arch, workdir: str) -> Row:
             f"{row.stack} B stack"
         )
     return row
+
+
+def _build_task(module: str, index: int, arch: Arch, workdir: str) -> Row:
+    """Worker entry (separate process): re-import the module, build one spec."""
+    warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
+    spec = importlib.import_module(module).AOT_SPECS[index]
+    return build_one(module, spec, arch, workdir)
+
+
+def build_all(tasks: list[tuple[str, int, Any, Arch]], workdir: str, *, jobs: int) -> list[Row]:
+    """Build ``(module, index, spec, arch)`` tasks, in ``jobs`` processes when ``jobs > 1``
+    (Triton compilation is CPU-bound and single-threaded); rows keep the task order."""
+    if jobs <= 1 or len(tasks) <= 2:
+        return [build_one(m, spec, arch, workdir) for m, _, spec, arch in tasks]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: the parent has imported torch and triton (thread pools, CUDA state).
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_build_task, m, i, arch, workdir) for m, i, _, arch in tasks]
+        rows = []
+        for (m, _, spec, arch), fut in zip(tasks, futures):
+            try:
+                rows.append(fut.result())
+            except Exception as e:  # a worker that died still gets its FAIL row
+                rows.append(Row(m, spec.name, _label(spec), arch.name, "FAIL", error=f"worker failed: {e!r}"))
+        return rows
 
 
 def _first_lines(text: str, n: int = 6) -> str:
@@ -340,6 +372,10 @@ def main(argv: list[str]) -> int:
         help="also read AOT_SPECS from this importable module (repeatable)",
     )
     parser.add_argument("--no-cache", action="store_true", help="recompile even when Triton's cache has it")
+    parser.add_argument(
+        "--jobs", type=int, default=min(os.cpu_count() or 1, 8),
+        help="compile in this many processes (default: CPU count, at most 8)",
+    )
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits on --help and on usage errors
@@ -359,21 +395,25 @@ def main(argv: list[str]) -> int:
     warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
     specs, rows = discover(args.module)
     if args.kernel:
-        specs = [(m, s) for m, s in specs if args.kernel in f"{m}.{s.name}"]
+        specs = [(m, i, s) for m, i, s in specs if args.kernel in f"{m}.{s.name}"]
         rows = [r for r in rows if args.kernel in r.module]
     if not specs and not rows:
         print(f"alignops kernels: no AOT spec matches {args.kernel!r}", file=sys.stderr)
         return 1
 
-    old_always = triton.knobs.compilation.always_compile
-    triton.knobs.compilation.always_compile = bool(args.no_cache) or old_always
+    tasks = [(m, i, s, arch) for m, i, s in specs for arch in archs]
+    old_env = os.environ.get("TRITON_ALWAYS_COMPILE")
+    if args.no_cache:  # read by this process's knobs and inherited by the workers
+        os.environ["TRITON_ALWAYS_COMPILE"] = "1"
     try:
         with tempfile.TemporaryDirectory(prefix="alignops-kernels-") as workdir:
-            for module, spec in specs:
-                for arch in archs:
-                    rows.append(build_one(module, spec, arch, workdir))
+            rows += build_all(tasks, workdir, jobs=args.jobs)
     finally:
-        triton.knobs.compilation.always_compile = old_always
+        if args.no_cache:
+            if old_env is None:
+                os.environ.pop("TRITON_ALWAYS_COMPILE", None)
+            else:
+                os.environ["TRITON_ALWAYS_COMPILE"] = old_env
 
     print(_header(archs))
     print(format_table(rows))

@@ -19,9 +19,12 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
+
+if TYPE_CHECKING:
+    from .losses._common import LossOutput
 
 __all__ = [
     "GAEOutput",
@@ -471,7 +474,10 @@ def _check_options(fn, options: dict, reserved: Sequence[str]) -> None:
     )
     bad = sorted(set(options) - set(valid))
     if bad:
-        raise ValueError(f"unknown option(s) {', '.join(map(repr, bad))}; valid options: {', '.join(valid)}")
+        raise ValueError(
+            f"unknown option(s) {', '.join(map(repr, bad))}; "
+            f"valid options of {fn.__name__}: {', '.join(valid)}"
+        )
 
 
 def _policy_logps(
@@ -523,7 +529,7 @@ def grpo_loss_from_hidden(
     ignore_index: int = -100,
     return_entropy: bool = True,
     **grpo_options,
-):
+) -> LossOutput:
     """GRPO-family loss straight from hidden states (SPEC §1.1 + §5.3), never building ``[N, V]`` logits.
 
     ``hidden [B, T, H]`` are the states that predict ``completion_ids [B, T]`` (already shifted:
@@ -584,7 +590,7 @@ def ppo_loss_from_hidden(
     ptx_hidden: torch.Tensor | None = None,
     ptx_labels: torch.Tensor | None = None,
     **ppo_options,
-):
+) -> LossOutput:
     """PPO / PPO-ptx loss straight from hidden states (SPEC §5.1-§5.2), no ``[N, V]`` logits.
 
     As :func:`grpo_loss_from_hidden` for the policy part: ``hidden [B, T, H]`` scores

@@ -25,7 +25,7 @@ DEFAULT_OUT = H.REPO_ROOT / "bench" / "results"
 
 # --quick: every family once, small enough for < 2 minutes on a 2-core CPU.
 QUICK_MODEL_CPU = "cpu-small"
-QUICK_TOKENS_CPU = (256, 1024)
+QUICK_TOKENS_CPU = (256, 512)
 QUICK_MODEL_CUDA = "llama3-8b"
 QUICK_TOKENS_CUDA = (4096, 16384)
 QUICK_BUDGET_S = 0.3
@@ -46,7 +46,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--providers", type=_csv, default=None, help="comma list; default: all that apply")
     p.add_argument("--dtype", type=_csv, default=None, help=f"comma list of {', '.join(H.DTYPES)}")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--mode", type=_csv, default=["all"], help="fwd, bwd, fwd+bwd or all")
+    p.add_argument("--mode", type=_csv, default=None,
+                   help="fwd, bwd, fwd+bwd or all (default: all; fwd+bwd for the *_step families)")
     p.add_argument("--quick", action="store_true", help="every family once, small shapes")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
     p.add_argument("--tag", default=None, help="JSON file name (default: quick / run)")
@@ -145,7 +146,8 @@ def _add_skip(skips: list[H.Skip], skip: H.Skip) -> None:
 
 
 def _run_all(args: argparse.Namespace, device: str, shapes: list, dtypes: list[str], tokens: list[int],
-             modes: list[str], budget_s: float, skips: list[H.Skip], memserver: H.MemoryServer) -> list[H.Record]:
+             modes: list[str] | None, budget_s: float, skips: list[H.Skip],
+             memserver: H.MemoryServer) -> list[H.Record]:
     records: list[H.Record] = []
     for fam_name in args.family or FAMILIES:
         mod = _family(fam_name)
@@ -153,13 +155,14 @@ def _run_all(args: argparse.Namespace, device: str, shapes: list, dtypes: list[s
         if reason:
             _add_skip(skips, H.Skip(fam_name, "*", reason))
             continue
+        fam_modes = modes or list(getattr(mod, "DEFAULT_MODES", H.MODES))
         for shape in shapes:
             softcap = args.softcap if args.softcap is not None else shape.softcap
             for dtype in dtypes:
                 for n in tokens:
                     case = H.Case(fam_name, shape.name, n, shape.hidden_size, shape.vocab_size, dtype,
                                   device, softcap)
-                    records += run_case(mod, case, args.providers, modes, args, budget_s, skips, memserver)
+                    records += run_case(mod, case, args.providers, fam_modes, args, budget_s, skips, memserver)
     return records
 
 
@@ -183,8 +186,8 @@ def main(argv: list[str]) -> int:
         tokens = args.tokens or list(DEFAULT_TOKENS_CUDA if cuda else DEFAULT_TOKENS_CPU)
         budget_s = args.budget_s or H.CPU_TIME_BUDGET_S
     dtypes = args.dtype or [DEFAULT_DTYPE_CUDA if cuda else DEFAULT_DTYPE_CPU]
-    modes = list(H.MODES) if "all" in args.mode else args.mode
-    for m in modes:
+    modes = None if args.mode is None else (list(H.MODES) if "all" in args.mode else args.mode)
+    for m in modes or []:
         if m not in H.MODES:
             raise SystemExit(f"unknown mode {m!r}; known: {', '.join(H.MODES)}, all")
     for d in dtypes:

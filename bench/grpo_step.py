@@ -35,6 +35,7 @@ SEQ_LEN = 256
 MIN_LENGTH_FRACTION = 0.5
 IGNORE_INDEX = -100
 GRAD_NAMES = ["hidden", "weight"]
+DEFAULT_MODES = ("fwd+bwd",)  # a training step; --mode asks for fwd / bwd explicitly
 
 
 def unavailable() -> str | None:

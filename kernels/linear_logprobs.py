@@ -332,7 +332,7 @@ def _linear_logprobs_bwd_kernel(
     )
     m_tile = m_valid[:, None] & m_c[None, :]
     b_lse = tl.load(p_lse + o_n, mask=m_valid, other=0.0)
-    b_p = tl.where(m_tile, tl.exp(b_z - b_lse[:, None]), 0.0)
+    b_p = tl.exp(tl.where(m_tile, b_z - b_lse[:, None], float("-inf")))  # 0 off the tile / ignored
 
     b_coef = tl.zeros([BN], dtype=tl.float32)
     if HAS_G_LOGP:

@@ -174,9 +174,10 @@ def run_both(batch, *, opts, ref_opts, garbage=True):
     m = batch["mask"]
     x = batch["logps"].clone().requires_grad_()
     x_in = with_garbage(x, m) if garbage else x
-    out = grpo_loss(x_in, batch.get("old_in", batch["old"]), batch["adv"], m, **opts)
+    on_policy = batch.get("on_policy", False)
+    out = grpo_loss(x_in, None if on_policy else batch["old"], batch["adv"], m, **opts)
     xr = batch["logps"].clone().requires_grad_()
-    old_r = xr.detach() if batch.get("old_in", 0) is None else batch["old"]
+    old_r = xr.detach() if on_policy else batch["old"]
     ref_loss, ref_tok = ref_grpo(xr, old_r, batch["adv"], m, **ref_opts)
     gu = torch.randn((), generator=batch["g"], dtype=torch.float64)
     (out.loss * gu).backward()
@@ -265,7 +266,7 @@ def test_grpo_kl_beta_and_options_vs_spec_reference(loss_type, bias_kl):
 def test_grpo_on_policy_when_old_is_none():
     """old_logps=None -> ratio 1 and gradient -A / N on every valid token (SPEC §5.3)."""
     batch = make_batch(seed=3)
-    batch["old_in"] = None
+    batch["on_policy"] = True
     out, ref_loss, _, gx, gr = run_both(batch, opts=dict(loss_type="dapo"), ref_opts=dict(loss_type="dapo"))
     assert_close("on-policy loss", ref_loss, out.loss, atol=1e-12)
     assert_close("on-policy grad", gr, gx, atol=1e-12)

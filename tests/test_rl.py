@@ -589,7 +589,7 @@ def test_ppo_loss_from_hidden_vs_full_logits_with_ptx():
 
 def test_fused_bad_options_raise():
     _, h, w, _, ids, m = fused_inputs(1)
-    with pytest.raises(ValueError, match="unknown option.*'loss_typ'.*valid options"):
+    with pytest.raises(ValueError, match="unknown option.*'loss_typ'.*valid options of grpo_loss"):
         grpo_loss_from_hidden(h, w, ids, m, None, torch.zeros(BF), loss_typ="grpo")
     with pytest.raises(ValueError, match="ids"):
         grpo_loss_from_hidden(h, w, ids[:, :-1], m, None, torch.zeros(BF))
