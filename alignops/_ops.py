@@ -63,11 +63,22 @@ def linear_logprobs_fwd_op(
     # inside the op, so torch.compile never traces the data-dependent check
     check_targets_in_range(targets, weight.shape[0], ignore_index)
     logp, lse, ent, zmean = engine(hidden).linear_logprobs_fwd(
-        hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
-        softcap=softcap, need_entropy=need_entropy, need_zmean=need_zmean,
+        hidden,
+        weight,
+        targets,
+        bias,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        softcap=softcap,
+        need_entropy=need_entropy,
+        need_zmean=need_zmean,
     )
-    return (logp, lse, logp.new_empty(0) if ent is None else ent,
-            logp.new_empty(0) if zmean is None else zmean)
+    return (
+        logp,
+        lse,
+        logp.new_empty(0) if ent is None else ent,
+        logp.new_empty(0) if zmean is None else zmean,
+    )
 
 
 @linear_logprobs_fwd_op.register_fake
@@ -104,18 +115,49 @@ def linear_logprobs_bwd_op(
     """``(dhidden, dweight, dbias)``; 0-element tensors for the ones not needed."""
     n = hidden.shape[0]
     dh, dw, db = engine(hidden).linear_logprobs_bwd(
-        hidden, weight, targets, bias, lse, _none_if_empty(entropy, n),
-        g_logp=_none_if_empty(g_logp, n), g_ent=_none_if_empty(g_ent, n), g_lse=_none_if_empty(g_lse, n),
-        g_zmean=_none_if_empty(g_zmean, n), ignore_index=ignore_index, temperature=temperature,
-        softcap=softcap, need_dhidden=need_dhidden, need_dweight=need_dweight, need_dbias=need_dbias,
+        hidden,
+        weight,
+        targets,
+        bias,
+        lse,
+        _none_if_empty(entropy, n),
+        g_logp=_none_if_empty(g_logp, n),
+        g_ent=_none_if_empty(g_ent, n),
+        g_lse=_none_if_empty(g_lse, n),
+        g_zmean=_none_if_empty(g_zmean, n),
+        ignore_index=ignore_index,
+        temperature=temperature,
+        softcap=softcap,
+        need_dhidden=need_dhidden,
+        need_dweight=need_dweight,
+        need_dbias=need_dbias,
     )
-    return (hidden.new_empty(0) if dh is None else dh, hidden.new_empty(0) if dw is None else dw,
-            hidden.new_empty(0) if db is None else db)
+    return (
+        hidden.new_empty(0) if dh is None else dh,
+        hidden.new_empty(0) if dw is None else dw,
+        hidden.new_empty(0) if db is None else db,
+    )
 
 
 @linear_logprobs_bwd_op.register_fake
-def _(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, g_lse, g_zmean, ignore_index,
-      temperature, softcap, need_dhidden, need_dweight, need_dbias):
+def _(
+    hidden,
+    weight,
+    bias,
+    targets,
+    lse,
+    entropy,
+    g_logp,
+    g_ent,
+    g_lse,
+    g_zmean,
+    ignore_index,
+    temperature,
+    softcap,
+    need_dhidden,
+    need_dweight,
+    need_dbias,
+):
     return (
         torch.empty_like(hidden) if need_dhidden else hidden.new_empty(0),
         torch.empty_like(weight) if need_dweight else hidden.new_empty(0),
@@ -139,8 +181,22 @@ def _backward(ctx, g_logp, g_lse, g_ent, g_zmean):
         return (None, None, None) + nones
     ignore_index, temperature, softcap = ctx.opts
     dh, dw, db = linear_logprobs_bwd_op(
-        hidden, weight, bias, targets, lse, ent, g_logp, g_ent, g_lse, g_zmean,
-        ignore_index, temperature, softcap, need_dh, need_dw, need_db,
+        hidden,
+        weight,
+        bias,
+        targets,
+        lse,
+        ent,
+        g_logp,
+        g_ent,
+        g_lse,
+        g_zmean,
+        ignore_index,
+        temperature,
+        softcap,
+        need_dh,
+        need_dw,
+        need_db,
     )
     return (dh if need_dh else None, dw if need_dw else None, db if need_db else None) + nones
 

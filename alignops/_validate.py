@@ -20,7 +20,9 @@ def check_common(hidden, weight, targets, bias, *, temperature, softcap):
     if weight.dtype not in FLOAT_DTYPES:
         raise TypeError(f"weight must be float16, bfloat16, float32 or float64, got {weight.dtype}")
     if (hidden.dtype == torch.float64) != (weight.dtype == torch.float64):
-        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must both be float64 or neither")
+        raise TypeError(
+            f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must both be float64 or neither"
+        )
     if targets.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"targets must be int64 (or int32) token ids, got {targets.dtype}")
     if weight.dim() != 2:
@@ -34,7 +36,8 @@ def check_common(hidden, weight, targets, bias, *, temperature, softcap):
         )
     if tuple(hidden.shape[:-1]) != tuple(targets.shape):
         raise ValueError(
-            f"targets shape {tuple(targets.shape)} must equal hidden's leading dims {tuple(hidden.shape[:-1])}"
+            f"targets shape {tuple(targets.shape)} must equal hidden's leading dims "
+            f"{tuple(hidden.shape[:-1])}"
         )
     if weight.shape[0] == 0:
         raise ValueError("weight has an empty vocabulary (V = 0)")

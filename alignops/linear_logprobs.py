@@ -51,8 +51,15 @@ def _stats(hidden, weight, targets, bias, *, ignore_index, temperature, softcap,
     check_common(hidden, weight, targets, bias, temperature=temperature, softcap=softcap)
     h2, t1 = _flatten(hidden, targets)
     logp, lse, ent, zmean = linear_logprobs_fwd_op(
-        h2, weight, bias, t1, int(ignore_index), float(temperature),
-        None if softcap is None else float(softcap), bool(need_entropy), bool(need_zmean),
+        h2,
+        weight,
+        bias,
+        t1,
+        int(ignore_index),
+        float(temperature),
+        None if softcap is None else float(softcap),
+        bool(need_entropy),
+        bool(need_zmean),
     )
     shape = targets.shape
     return (
@@ -91,15 +98,25 @@ def linear_logprobs(
         ``targets.shape``; exactly 0 at ignored positions. Differentiable with respect to
         ``hidden``, ``weight`` and ``bias`` for any combination of upstream gradients.
     """
-    logp, ent, lse, _ = _stats(hidden, weight, targets, bias, ignore_index=ignore_index,
-                               temperature=temperature, softcap=softcap, need_entropy=return_entropy,
-                               need_zmean=False)
+    logp, ent, lse, _ = _stats(
+        hidden,
+        weight,
+        targets,
+        bias,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        softcap=softcap,
+        need_entropy=return_entropy,
+        need_zmean=False,
+    )
     return LogProbsOutput(logp, ent if return_entropy else None, lse if return_lse else None)
 
 
 def _ce_from_stats(logp, lse, zmean, valid, *, reduction, label_smoothing, z_loss, num_items):
     """SPEC §3.1: ``(1-eps) * (-logp) + eps * (lse - zbar) + c_z * lse^2``, then §3.2 / §3.3."""
-    ce = -logp if label_smoothing == 0.0 else -(1.0 - label_smoothing) * logp + label_smoothing * (lse - zmean)
+    ce = (
+        -logp if label_smoothing == 0.0 else -(1.0 - label_smoothing) * logp + label_smoothing * (lse - zmean)
+    )
     if z_loss != 0.0:
         ce = ce + z_loss * lse * lse
     # ignored rows are already exactly 0 in logp / lse / zmean
@@ -154,9 +171,25 @@ def linear_cross_entropy(
     averaging; without it the caller must divide by the number of micro-batches).
     """
     _check_ce_options(reduction, label_smoothing, z_loss, num_items)
-    logp, _, lse, zmean = _stats(hidden, weight, targets, bias, ignore_index=ignore_index,
-                                 temperature=temperature, softcap=softcap, need_entropy=False,
-                                 need_zmean=label_smoothing != 0.0)
+    logp, _, lse, zmean = _stats(
+        hidden,
+        weight,
+        targets,
+        bias,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        softcap=softcap,
+        need_entropy=False,
+        need_zmean=label_smoothing != 0.0,
+    )
     valid = targets != ignore_index
-    return _ce_from_stats(logp, lse, zmean, valid, reduction=reduction, label_smoothing=label_smoothing,
-                          z_loss=z_loss, num_items=num_items)
+    return _ce_from_stats(
+        logp,
+        lse,
+        zmean,
+        valid,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        num_items=num_items,
+    )

@@ -24,8 +24,7 @@ def _describe(name, ref, out, k=5):
     d = (out.double() - ref.double()).abs().flatten()
     idx = torch.topk(d.nan_to_num(float("inf")), min(k, d.numel())).indices
     rows = [
-        f"  [{i}] ref={ref.flatten()[i].item():.6g} out={out.flatten()[i].item():.6g}"
-        for i in idx.tolist()
+        f"  [{i}] ref={ref.flatten()[i].item():.6g} out={out.flatten()[i].item():.6g}" for i in idx.tolist()
     ]
     max_abs, rel = _err(ref, out)
     return f"{name}: max_abs={max_abs:.3e} rel_rms={rel:.3e}\n" + "\n".join(rows)

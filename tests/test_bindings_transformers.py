@@ -11,19 +11,35 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from alignops.bindings.transformers import patch_causal_lm  # noqa: E402
+
 from tests._assert import assert_close  # noqa: E402
 
 
 def _llama():
-    cfg = transformers.LlamaConfig(vocab_size=211, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        vocab_size=211,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return transformers.LlamaForCausalLM(cfg).double()
 
 
 def _gemma2():
-    cfg = transformers.Gemma2Config(vocab_size=157, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                    max_position_embeddings=64, final_logit_softcapping=3.0)
+    cfg = transformers.Gemma2Config(
+        vocab_size=157,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        final_logit_softcapping=3.0,
+    )
     return transformers.Gemma2ForCausalLM(cfg).double()
 
 

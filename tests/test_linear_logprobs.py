@@ -62,8 +62,9 @@ def _leaves(h, w, b):
 )
 def test_logprobs_float64_values_and_grads(n, h, v, bias, softcap, temperature, workspace):
     hid, w, b, y = _inputs(n, h, v, bias=bias)
-    out = alignops.linear_logprobs(hid, w, y, bias=b, softcap=softcap, temperature=temperature,
-                                   return_entropy=True, return_lse=True)
+    out = alignops.linear_logprobs(
+        hid, w, y, bias=b, softcap=softcap, temperature=temperature, return_entropy=True, return_lse=True
+    )
     ref = linear_logprobs_ref(hid, w, y, bias=b, softcap=softcap, temperature=temperature)
     for name, o, r in zip(("logps", "entropy", "lse"), out, ref):
         assert o.dtype == torch.float64 and o.shape == y.shape
@@ -96,8 +97,9 @@ def test_gradcheck_float64():
     hid, w, b, y = _inputs(6, 5, 11, bias=True)
 
     def f(h_, w_, b_):
-        o = alignops.linear_logprobs(h_, w_, y, bias=b_, softcap=2.0, temperature=0.9,
-                                     return_entropy=True, return_lse=True)
+        o = alignops.linear_logprobs(
+            h_, w_, y, bias=b_, softcap=2.0, temperature=0.9, return_entropy=True, return_lse=True
+        )
         return o.logps, o.entropy, o.lse
 
     assert torch.autograd.gradcheck(f, (hid, w, b))
@@ -108,8 +110,14 @@ def test_gradcheck_float64():
 @pytest.mark.parametrize("n,h,v", SHAPES[:2])
 def test_cross_entropy_options(n, h, v, reduction, label_smoothing, z_loss, workspace):
     hid, w, b, y = _inputs(n, h, v, bias=True)
-    kw = dict(bias=b, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
-              softcap=5.0, temperature=1.2)
+    kw = dict(
+        bias=b,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=5.0,
+        temperature=1.2,
+    )
     out = alignops.linear_cross_entropy(hid, w, y, **kw)
     ref = linear_cross_entropy_ref(hid, w, y, **kw)
     assert_close("loss", ref, out, atol=1e-10, rtol=1e-10)
@@ -134,7 +142,9 @@ def test_num_items_global_normaliser(num_items):
     hid, w, _, y = _inputs(60, 10, 50)
     total = int((y != -100).sum())
     ni = torch.tensor(float(total), dtype=torch.float64) if num_items == "tensor" else total
-    parts = [alignops.linear_cross_entropy(hid[s], w, y[s], num_items=ni) for s in (slice(0, 13), slice(13, 60))]
+    parts = [
+        alignops.linear_cross_entropy(hid[s], w, y[s], num_items=ni) for s in (slice(0, 13), slice(13, 60))
+    ]
     full = linear_cross_entropy_ref(hid, w, y, reduction="mean")
     assert_close("sum of micro-batches", full, parts[0] + parts[1], atol=1e-12, rtol=1e-12)
     if num_items != "tensor":
@@ -193,7 +203,9 @@ def test_all_ignored_and_empty_are_finite_zero():
     hid, w, b, y = _inputs(9, 6, 20, bias=True)
     y_all = torch.full_like(y, -100)
     for red in ("mean", "sum"):
-        loss = alignops.linear_cross_entropy(hid, w, y_all, bias=b, reduction=red, z_loss=1e-3, label_smoothing=0.1)
+        loss = alignops.linear_cross_entropy(
+            hid, w, y_all, bias=b, reduction=red, z_loss=1e-3, label_smoothing=0.1
+        )
         assert loss.item() == 0.0
         gh, gw, gb = torch.autograd.grad(loss * 3.0, (hid, w, b))
         assert gh.abs().max() == 0 and gw.abs().max() == 0 and gb.abs().max() == 0
@@ -232,8 +244,12 @@ def test_leading_dims_and_strided_hidden():
     base = torch.randn(20, 2 * H, dtype=torch.float64)
     rows = base[:, :H]
     yy = torch.randint(0, V, (20,))
-    assert_close("strided", linear_logprobs_ref(rows, w, yy)[0],
-                 alignops.linear_logprobs(rows, w, yy).logps, atol=1e-10)
+    assert_close(
+        "strided",
+        linear_logprobs_ref(rows, w, yy)[0],
+        alignops.linear_logprobs(rows, w, yy).logps,
+        atol=1e-10,
+    )
 
 
 def test_outputs_are_float32_for_float32_inputs_and_unrequested_are_none():
@@ -255,8 +271,17 @@ def test_outputs_are_float32_for_float32_inputs_and_unrequested_are_none():
         (lambda h, w, y: (h, w.unsqueeze(0), y), ValueError, "weight must be"),
         (lambda h, w, y: (h, w.to("meta"), y), ValueError, "one device"),
     ],
-    ids=["H-mismatch", "target-shape", "float-targets", "int-hidden", "mixed-float64", "target-too-big",
-         "target-negative", "3d-weight", "mixed-devices"],
+    ids=[
+        "H-mismatch",
+        "target-shape",
+        "float-targets",
+        "int-hidden",
+        "mixed-float64",
+        "target-too-big",
+        "target-negative",
+        "3d-weight",
+        "mixed-devices",
+    ],
 )
 def test_bad_input_raises_clear_errors(make, err, match):
     hid, w, _, y = _inputs(10, 4, 12, dtype=torch.float32, ignore_frac=0.0)

@@ -23,6 +23,7 @@ What the worker checks (details in its docstring):
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -67,6 +68,12 @@ def _crash_summary(output: str) -> str:
     return "\n".join(keep[:40]) + "\n--- output tail ---\n" + _tail(output, 2000)
 
 
+def _failure_text(text: str) -> str:
+    """pytest's ``E`` lines and ``file:line`` locations of a failure; the whole text if none."""
+    keep = [line for line in text.splitlines() if line.startswith("E ") or re.match(r"^\S+\.py:\d+: ", line)]
+    return "\n".join(keep) if keep else text
+
+
 def _run_worker(select: str, xml_path: Path) -> dict:
     """``{"cases": {name: (outcome, message, seconds)}, "error": str | None, "wall_s": float}``."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "ALIGNOPS_POISON": "1", "PYTHONUNBUFFERED": "1"}
@@ -90,8 +97,7 @@ def _run_worker(select: str, xml_path: Path) -> dict:
         for tag in ("failure", "error", "skipped"):
             node = tc.find(tag)
             if node is not None:
-                outcome = tag
-                message = (node.get("message") or "") + "\n" + (node.text or "")
+                outcome, message = tag, _failure_text(node.text or node.get("message") or "")
                 break
         cases[tc.get("name")] = (outcome, message, float(tc.get("time", 0.0)))
     return {"cases": cases, "error": None, "wall_s": wall}
