@@ -21,7 +21,8 @@ from . import _cpu
 from ._validate import check_targets_in_range
 
 
-def _use_triton(t: torch.Tensor) -> bool:
+def backend_is_triton(t: torch.Tensor) -> bool:
+    """``ALIGNOPS_BACKEND``: ``auto`` (Triton on CUDA), ``triton`` or ``torch`` (docs/env.md)."""
     backend = os.environ.get("ALIGNOPS_BACKEND", "auto").lower()
     if backend == "torch":
         return False
@@ -32,7 +33,7 @@ def _use_triton(t: torch.Tensor) -> bool:
 
 def engine(t: torch.Tensor):
     """The module implementing ``linear_logprobs_fwd`` / ``_bwd`` for ``t``'s device."""
-    if _use_triton(t):
+    if backend_is_triton(t):
         from .kernels import linear_logprobs as triton_engine
 
         return triton_engine

@@ -9,8 +9,9 @@ modules, ``_*``, are skipped) and every requested architecture, the command
    run is fast; ``--no-cache`` recompiles);
 2. runs the ``cuobjdump`` shipped in the Triton wheel: ``--dump-resource-usage`` gives
    registers, static shared memory, stack and local memory; ``-sass`` tells whether
-   tensor-core instructions were emitted (``HMMA`` on sm_80, ``HGMMA`` = wgmma on sm_90a);
-   dynamic shared memory is the compiled kernel's ``metadata.shared``;
+   tensor-core instructions were emitted (``HMMA`` on sm_80, ``HGMMA`` = wgmma on sm_90a;
+   only disassembled when the PTX holds ``mma`` / ``wgmma`` instructions, since ptxas
+   never creates them otherwise); dynamic shared memory is ``metadata.shared``;
 3. re-runs the wheel's ``ptxas -v`` on the PTX with Triton's flags for the spill byte
    counts (register spills land in the stack frame: ``LOCAL`` stays 0 when they happen).
 
@@ -20,11 +21,14 @@ It exits 1 when a module fails to import, a kernel fails to compile, or any kern
     alignops kernels                         # sm_80 and sm_90a, every kernel
     alignops kernels --arch sm_90a --kernel linear_logprobs --json build.json
 
-Sample output (columns: registers per thread, shared bytes static + dynamic, local and
-spill bytes, stack bytes, tensor-core instruction, compile seconds, ``*`` = cache hit)::
+Sample output (regs per thread; smem bytes static + dynamic; local, spill (stores +
+loads) and stack in bytes; tc = tensor-core instruction; sec = compile seconds, ``*`` =
+Triton cache hit)::
 
-    kernel                     config               arch    regs  smem st+dyn  local  spill  stack  tensor cores  compile s  status
-    _cross_entropy_fwd_kernel  bf16 BV=4096 w8      sm_80     39  0+32             0      0      0  no                 0.74  ok
+    kernel                     config           arch    regs     smem  local  spill  stack  tc    sec  status
+    -------------------------  ---------------  ------  ----  -------  -----  -----  -----  --  -----  ------
+    _cross_entropy_fwd_kernel  bf16 BV=4096 w8  sm_80     39     0+32      0      0      0  no   0.74  ok
+    _cross_entropy_fwd_kernel  bf16 BV=4096 w8  sm_90a    48  1024+32      0      0      0  no   0.30  ok
 
 Signature strings are Triton types (``*bf16``, ``i32``, ``fp32``, ``constexpr``). A
 ``:16`` suffix (Triton's own AOT hint syntax, ``i32:16``) marks an integer the runtime
@@ -54,6 +58,9 @@ DEFAULT_ARCHS = "sm_80,sm_90a"
 #: (int8), DMMA (fp64); Hopper warpgroup MMA (wgmma) HGMMA / IGMMA / QGMMA (fp8);
 #: Blackwell UTC*MMA (tcgen05).
 _TENSOR_CORE = re.compile(r"\b(HMMA|IMMA|DMMA|HGMMA|IGMMA|QGMMA|UTC[A-Z]*MMA)\b")
+#: PTX matrix instructions that can become tensor-core SASS: mma.sync (sm_80+),
+#: wgmma.mma_async (sm_90a), tcgen05.mma (sm_100a).
+_PTX_MMA = re.compile(r"\b(?:mma\.sync|wgmma\.mma_async|tcgen05\.mma)")
 _RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
@@ -191,7 +198,9 @@ def _tool(name: str) -> str:
 def _run(cmd: list[str]) -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"{os.path.basename(cmd[0])} failed ({proc.returncode}): {proc.stderr.strip()[:500]}")
+        raise RuntimeError(
+            f"{os.path.basename(cmd[0])} failed ({proc.returncode}): {proc.stderr.strip()[:500]}"
+        )
     return proc.stdout
 
 
@@ -250,9 +259,10 @@ def build_one(module: str, spec, arch: Arch, workdir: str) -> Row:
         row.compile_s = time.perf_counter() - t0
     row.cached = bool(hits and hits[-1])
     try:
-        stem = re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{spec.name}-{row.config}-{arch.name}")
-        cubin = os.path.join(workdir, stem + ".cubin")
-        ptx = os.path.join(workdir, stem + ".ptx")
+        taskdir = tempfile.mkdtemp(dir=workdir)  # one per task: workers share workdir
+        stem = re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{spec.name}-{arch.name}")
+        cubin = os.path.join(taskdir, stem + ".cubin")
+        ptx = os.path.join(taskdir, stem + ".ptx")
         with open(cubin, "wb") as f:
             f.write(compiled.asm["cubin"])
         with open(ptx, "w") as f:
@@ -260,12 +270,15 @@ def build_one(module: str, spec, arch: Arch, workdir: str) -> Row:
         name = compiled.metadata.name
         row.registers, row.stack, row.shared_static, row.local = _resources(cubin, name)
         row.shared_dynamic = int(compiled.metadata.shared)
-        row.tensor_cores = _tensor_core_op(cubin)
+        # Disassembly costs ~0.5 s per cubin: only confirm in SASS what the PTX asks for
+        # (ptxas never turns scalar FMAs into tensor-core instructions).
+        has_mma = _PTX_MMA.search(compiled.asm["ptx"]) is not None
+        row.tensor_cores = _tensor_core_op(cubin) if has_mma else ""
         if row.stack == 0 and row.local == 0:
             row.spill_stores = row.spill_loads = 0  # spill slots live in the stack frame
         else:
             fusion = bool(compiled.metadata.enable_fp_fusion)
-            row.spill_stores, row.spill_loads = _spills(ptx, arch, fusion, workdir)
+            row.spill_stores, row.spill_loads = _spills(ptx, arch, fusion, taskdir)
     except Exception as e:
         row.error = f"inspection failed: {type(e).__name__}: {_first_lines(str(e))}"
         return row
@@ -316,8 +329,17 @@ def _first_lines(text: str, n: int = 6) -> str:
 # --------------------------------------------------------------------------------------
 
 _COLUMNS = (
-    ("kernel", "<"), ("config", "<"), ("arch", "<"), ("regs", ">"), ("smem st+dyn", ">"), ("local", ">"),
-    ("spill", ">"), ("stack", ">"), ("tensor cores", "<"), ("compile s", ">"), ("status", "<"),
+    ("kernel", "<"),
+    ("config", "<"),
+    ("arch", "<"),
+    ("regs", ">"),
+    ("smem", ">"),
+    ("local", ">"),
+    ("spill", ">"),
+    ("stack", ">"),
+    ("tc", "<"),
+    ("sec", ">"),
+    ("status", "<"),
 )
 
 
@@ -329,8 +351,19 @@ def _cells(r: Row) -> list[str]:
     smem = "-" if r.shared_static is None else f"{r.shared_static}+{r.shared_dynamic}"
     tc = "-" if r.tensor_cores is None else (f"yes ({r.tensor_cores})" if r.tensor_cores else "no")
     secs = "-" if r.compile_s is None else f"{r.compile_s:.2f}{'*' if r.cached else ''}"
-    return [r.kernel, r.config, r.arch, num(r.registers), smem, num(r.local), spill, num(r.stack), tc, secs,
-            r.status]
+    return [
+        r.kernel,
+        r.config,
+        r.arch,
+        num(r.registers),
+        smem,
+        num(r.local),
+        spill,
+        num(r.stack),
+        tc,
+        secs,
+        r.status,
+    ]
 
 
 def format_table(rows: list[Row]) -> str:
@@ -353,7 +386,8 @@ def _header(archs: list[Arch]) -> str:
     return (
         f"alignops kernel build report: triton {triton.__version__}, targets "
         f"{', '.join(a.name for a in archs)}, fp fusion {fusion}; smem in bytes (static + dynamic), "
-        "local / spill (stores + loads) / stack in bytes, * = Triton cache hit"
+        "local / spill (stores + loads) / stack in bytes, tc = tensor-core instruction, "
+        "* = Triton cache hit"
     )
 
 
@@ -368,12 +402,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--kernel", default=None, help="only kernels whose 'module.kernel' contains this")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
     parser.add_argument(
-        "--module", action="append", default=[], metavar="MOD",
+        "--module",
+        action="append",
+        default=[],
+        metavar="MOD",
         help="also read AOT_SPECS from this importable module (repeatable)",
     )
     parser.add_argument("--no-cache", action="store_true", help="recompile even when Triton's cache has it")
     parser.add_argument(
-        "--jobs", type=int, default=min(os.cpu_count() or 1, 8),
+        "--jobs",
+        type=int,
+        default=min(os.cpu_count() or 1, 8),
         help="compile in this many processes (default: CPU count, at most 8)",
     )
     try:
@@ -381,8 +420,10 @@ def main(argv: list[str]) -> int:
     except SystemExit as e:  # argparse exits on --help and on usage errors
         return int(e.code or 0)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        print("alignops kernels: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)",
-              file=sys.stderr)
+        print(
+            "alignops kernels: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)",
+            file=sys.stderr,
+        )
         return 2
     try:
         archs = parse_archs(args.arch)
@@ -422,8 +463,12 @@ def main(argv: list[str]) -> int:
         print(f"\n{r.status}: {r.module}.{r.kernel} [{r.config}] {r.arch}\n    {r.error}")
     print(f"\n{len(rows) - len(bad)} ok, {len(bad)} failed or spilled")
     if args.json:
-        payload = {"triton": triton.__version__, "archs": [a.name for a in archs], "ok": not bad,
-                   "rows": [asdict(r) for r in rows]}
+        payload = {
+            "triton": triton.__version__,
+            "archs": [a.name for a in archs],
+            "ok": not bad,
+            "rows": [asdict(r) for r in rows],
+        }
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
     return 1 if bad else 0

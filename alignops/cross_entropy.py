@@ -16,6 +16,12 @@ other case runs a chunked PyTorch engine (:func:`cross_entropy_torch_fwd` /
 :func:`cross_entropy_torch_bwd`) that upcasts blocks of rows to float32 (float64 for
 float64 logits, so ``torch.autograd.gradcheck`` works), never the whole ``[N, V]`` tensor.
 The math is in the module docstring of ``kernels/cross_entropy.py``.
+
+Environment: ``ALIGNOPS_CPU_WORKSPACE_BYTES`` (row-block workspace of the CPU engine,
+default 32 MiB); ``ALIGNOPS_CHECK_TARGETS=0`` skips the device-side target range assert on
+CUDA; ``ALIGNOPS_BACKEND=triton`` sends CPU tensors to the Triton kernels, which only works
+under ``TRITON_INTERPRET=1`` (tests), and ``ALIGNOPS_BACKEND=torch`` keeps CUDA tensors on the
+PyTorch engine (docs/env.md).
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from typing import Literal
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._utils import empty, env_flag, env_int
+from ._ops import backend_is_triton
+from ._utils import empty, env_int
 from ._validate import FLOAT_DTYPES, check_targets_in_range
 
 Reduction = Literal["none", "sum", "mean"]
@@ -175,16 +182,19 @@ def cross_entropy_torch_bwd(
         valid = y != params.ignore_index
         z, t = _transform(logits[b, t0:t1], cdt, params)
         b_lse = lse[r0:r1].to(cdt).unsqueeze(1)
-        d = torch.exp(z - b_lse)
-        d = d * (1.0 + 2.0 * params.z_loss * b_lse)
+        # d is a fresh block (z - lse allocates): in-place from here on, so at most z, t
+        # and d are alive at once (_LIVE_TEMPORARIES).
+        d = torch.sub(z, b_lse).exp_()
+        if params.z_loss != 0.0:
+            d.mul_(1.0 + 2.0 * params.z_loss * b_lse)
         if eps > 0:
-            d = d - eps / V
+            d.sub_(eps / V)
         rows = torch.arange(r1 - r0, device=d.device)
         d[rows, torch.where(valid, y, 0).long()] -= 1.0 - eps
         g = g_all if g_all.dim() == 0 else g_all[r0:r1].unsqueeze(1)
-        d = d * (g / params.temperature)
+        d.mul_(g / params.temperature)
         if t is not None:
-            d = d * (1.0 - t * t)
+            d.mul_(t.square_().neg_().add_(1.0))  # 1 - tanh^2; t is not used again
         d.masked_fill_(~valid.unsqueeze(1), 0.0)
         out[b, t0:t1].copy_(d)
     return out
@@ -265,11 +275,10 @@ class CrossEntropyFunction(torch.autograd.Function):
 
 
 def _use_triton(logits: torch.Tensor) -> bool:
-    """Triton on CUDA for fp16 / bf16 / fp32. ``ALIGNOPS_FORCE_TRITON=1`` also sends CPU
-    tensors to the kernels, which only works under ``TRITON_INTERPRET=1`` (tests)."""
+    """Triton for fp16 / bf16 / fp32 where ``ALIGNOPS_BACKEND`` says so (default: on CUDA)."""
     if logits.dtype not in _TRITON_DTYPES:
         return False
-    return logits.is_cuda or env_flag("ALIGNOPS_FORCE_TRITON", False)
+    return backend_is_triton(logits)
 
 
 def _check_number(name: str, v, *, lo: float, lo_open: bool, hi: float = math.inf) -> float:

@@ -37,13 +37,15 @@ What is measured, per case (family, model shape, tokens N, dtype) and mode:
   excluded, about ``CUDA_REP_MS`` of repetitions (as ``triton.testing.do_bench``). Reported:
   median and the 20th / 80th percentiles.
 * time, CPU: wall time (``perf_counter``) of repetitions for ``budget_s`` seconds (at least
-  ``CPU_MIN_REPS``) after one warm-up call; median, p20, p80.
+  ``CPU_MIN_REPS``); the agreement run is the warm-up. Median, p20, p80. The header prints the
+  load average: on a shared machine CPU timings are only as good as the quiet around them.
 * peak extra memory, CUDA: ``torch.cuda.max_memory_allocated()`` minus the allocation just
   before the timed step (peak counters reset between cases).
-* peak extra memory, CPU: in a FRESH PROCESS per (case, provider, mode), forked from a server
-  that has imported torch and nothing else. The child builds the inputs, warms the op up, then
-  reads RSS, resets the kernel's high-water mark (``/proc/self/clear_refs`` = 5) and runs the
-  step once; peak extra = ``VmHWM`` - RSS before the step. The kernel updates the high-water
+* peak extra memory, CPU: in a FRESH PROCESS per (case, provider), forked from a server that
+  has imported torch and the family module and run nothing. The child builds the inputs, warms
+  the op up with one fwd+bwd, then for each mode: frees the last outputs and gradients, trims
+  the heap, reads RSS, resets the kernel's high-water mark (``/proc/self/clear_refs`` = 5) and
+  runs the step once; peak extra = ``VmHWM`` - RSS before the step. The kernel updates the high-water
   mark before RSS ever drops, so short peaks are not missed. glibc malloc would keep freed
   blocks in its heap (RSS then overstates what is live, and a warm-up hides the next peak), so
   the child sets ``M_MMAP_THRESHOLD`` to ``MALLOC_MMAP_THRESHOLD_BYTES`` and trims the heap:
@@ -108,7 +110,9 @@ CUDA_REP_MS = 100.0
 CUDA_MIN_REPS = 10
 CUDA_MAX_REPS = 1000
 L2_FLUSH_BYTES = 256 * 2**20  # larger than any current GPU's L2 (H100: 50 MiB)
-WARMUP_CALLS = 1  # per mode, after the agreement run (which compiles / autotunes)
+# CPU: the agreement run (one fwd+bwd, which also compiles) is the warm-up; the median of at least
+# CPU_MIN_REPS repetitions absorbs one slow call.
+CPU_WARMUP_CALLS = 0
 
 MALLOC_MMAP_THRESHOLD_BYTES = 64 * 2**10  # glibc M_MMAP_THRESHOLD in the memory child
 _M_TRIM_THRESHOLD = -1  # mallopt parameter numbers from glibc's malloc.h
@@ -317,7 +321,7 @@ def time_step(bound: Bound, mode: str, device: str, budget_s: float = CPU_TIME_B
     setup, run = mode_steps(bound, mode)
     if device == "cuda":
         return _time_cuda(setup, run)
-    for _ in range(WARMUP_CALLS):
+    for _ in range(CPU_WARMUP_CALLS):
         setup()
         run()
     samples: list[float] = []
@@ -417,41 +421,52 @@ def _tune_malloc() -> Callable[[], None]:
         return lambda: None
 
 
-def measure_in_child(family_module: str, case_fields: dict, provider_name: str, mode: str) -> dict:
+def _peak_during(run: Callable[[], None]) -> tuple[int, int, str]:
+    """``(peak KiB, base KiB, method)`` of the RSS while ``run()`` executes."""
+    if _reset_hwm():
+        base_kib = _status_kib("VmRSS")
+        run()
+        return _status_kib("VmHWM"), base_kib, "VmHWM - VmRSS (clear_refs)"
+    samples = [_status_kib("VmRSS")]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(_status_kib("VmRSS"))
+            time.sleep(RSS_SAMPLE_PERIOD_S)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    run()
+    done.set()
+    sampler.join()
+    samples.append(_status_kib("VmRSS"))
+    return max(samples), samples[0], f"RSS sampled every {RSS_SAMPLE_PERIOD_S * 1e3:g} ms (lower bound)"
+
+
+def measure_in_child(family_module: str, case_fields: dict, provider_name: str, modes: list[str]) -> dict:
+    """Peak extra RSS of each mode, in this (fresh) process; see the manual."""
     trim = _tune_malloc()
     mod = importlib.import_module(family_module)
     case = Case(**case_fields)
     bound = find_provider(mod.providers(), provider_name).build(case, mod.make_inputs(case))
-    setup, run = mode_steps(bound, mode)
+    setup, run = mode_steps(bound, "fwd+bwd")
     setup()
-    run()  # warm-up (torch.compile loads its graphs here)
-    setup()
-    gc.collect()
-    trim()
-    if _reset_hwm():
-        base_kib = _status_kib("VmRSS")
-        run()
-        peak_kib = _status_kib("VmHWM")
-        method = "fresh process, VmHWM - VmRSS (clear_refs), mmap threshold 64 KiB"
-    else:
-        samples = [_status_kib("VmRSS")]
-        base_kib = samples[0]
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.is_set():
-                samples.append(_status_kib("VmRSS"))
-                time.sleep(RSS_SAMPLE_PERIOD_S)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        run()
-        done.set()
-        sampler.join()
-        samples.append(_status_kib("VmRSS"))
-        peak_kib = max(samples)
-        method = "fresh process, sampled RSS every 1 ms (lower bound)"
-    return {"peak_extra_bytes": (peak_kib - base_kib) * 1024, "method": method}
+    run()  # warm-up: torch.compile loads its graphs, thread pools start
+    results = {}
+    for mode in modes:
+        setup, run = mode_steps(bound, mode)
+        setup()
+        gc.collect()
+        trim()
+        peak_kib, base_kib, method = _peak_during(run)
+        setup()  # free this mode's outputs and gradients before the next
+        results[mode] = {
+            "peak_extra_bytes": (peak_kib - base_kib) * 1024,
+            "method": f"fresh process per (case, provider), {method}, "
+            f"mmap threshold {MALLOC_MMAP_THRESHOLD_BYTES >> 10} KiB",
+        }
+    return results
 
 
 class MemoryServer:
@@ -480,22 +495,23 @@ class MemoryServer:
             )
         return self._proc
 
-    def measure(self, family_module: str, case: Case, provider_name: str, mode: str) -> Memory:
+    def measure(self, family_module: str, case: Case, provider_name: str, modes: list[str]) -> dict[str, Memory]:
+        """One fresh process measures every mode of ``modes``, one after the other."""
         if not os.path.exists("/proc/self/status") or not hasattr(os, "fork"):
-            return Memory(None, "unavailable", "needs Linux (fork, /proc) to measure RSS")
+            return {m: Memory(None, "unavailable", "needs Linux (fork, /proc) to measure RSS") for m in modes}
         proc = self._start()
-        request = {"module": family_module, "case": asdict(case), "provider": provider_name, "mode": mode}
+        request = {"module": family_module, "case": asdict(case), "provider": provider_name, "modes": modes}
         proc.stdin.write(json.dumps(request) + "\n")
         proc.stdin.flush()
         ready, _, _ = select.select([proc.stdout], [], [], MEMORY_CHILD_TIMEOUT_S)
         line = proc.stdout.readline() if ready else ""
         if not line:
             self.close()
-            return Memory(None, "fresh process", "no answer from the memory server (timeout or crash)")
+            return {m: Memory(None, "fresh process", "no answer from the memory server") for m in modes}
         result = json.loads(line)
-        if "peak_extra_bytes" in result:
-            return Memory(int(result["peak_extra_bytes"]), result["method"])
-        return Memory(None, "fresh process", result.get("error", "unknown error"))
+        if "error" in result:
+            return {m: Memory(None, "fresh process", result["error"]) for m in modes}
+        return {m: Memory(int(r["peak_extra_bytes"]), r["method"]) for m, r in result.items()}
 
     def close(self) -> None:
         if self._proc is not None:

@@ -1,9 +1,10 @@
 """Fork server for CPU peak-memory measurements (see ``MemoryServer`` in ``_harness``).
 
-Protocol: one JSON request per line on stdin (``module``, ``case``, ``provider``, ``mode``), one
-JSON answer per line on stdout (``peak_extra_bytes`` and ``method``, or ``error``). Each request
-is measured in a child forked from this process, which has imported torch and the family
-modules but run nothing; the child's stdout goes to stderr so it cannot break the protocol.
+Protocol: one JSON request per line on stdin (``module``, ``case``, ``provider``, ``modes``), one
+JSON answer per line on stdout (``{mode: {peak_extra_bytes, method}}``, or ``{"error": ...}``).
+Each request is measured in a child forked from this process, which has imported torch, the
+family module and the peers it names in ``PRELOAD`` but run nothing; the child's stdout goes
+to stderr so it cannot break the protocol.
 """
 
 from __future__ import annotations
@@ -30,14 +31,19 @@ def _describe(status: int) -> str:
 
 
 def _serve_one(request: dict) -> dict:
-    importlib.import_module(request["module"])  # import in the server: children inherit it
+    mod = importlib.import_module(request["module"])  # imported here once, children inherit it
+    for name in getattr(mod, "PRELOAD", ()):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass  # the provider reports it when it runs
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
         os.close(read_fd)
         os.dup2(2, 1)
         try:
-            result = measure_in_child(request["module"], request["case"], request["provider"], request["mode"])
+            result = measure_in_child(request["module"], request["case"], request["provider"], request["modes"])
         except BaseException as e:  # report, never hang the server
             result = {"error": f"{type(e).__name__}: {e}"}
         with os.fdopen(write_fd, "w") as f:

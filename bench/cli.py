@@ -112,20 +112,23 @@ def run_case(mod: ModuleType, case: H.Case, wanted: list[str] | None, modes: lis
             reference, agreement = out, None
         else:
             agreement = H.compare(reference, out, case.torch_dtype, mod.GRAD_NAMES)
+        timings = {}
         for mode in modes:
             t0 = time.perf_counter()
-            timing = H.time_step(bound, mode, case.device, budget_s)
-            memory = None
-            if not args.no_memory:
-                if case.device == "cuda":
-                    memory = H.memory_cuda(bound, mode)
-                else:
-                    memory = memserver.measure(mod.__name__, case, prov.name, mode)
-            _log(f"{label} {mode}: {timing.p50_ms:.4g} ms"
-                 + (f", {memory.peak_extra_bytes / 2**20:.1f} MiB" if memory and memory.peak_extra_bytes
-                    is not None else "") + f"  ({time.perf_counter() - t0:.1f} s)")
+            timings[mode] = H.time_step(bound, mode, case.device, budget_s)
+            _log(f"{label} {mode}: {timings[mode].p50_ms:.4g} ms  ({time.perf_counter() - t0:.1f} s)")
+        memory: dict[str, H.Memory] = {}
+        if not args.no_memory:
+            t0 = time.perf_counter()
+            if case.device == "cuda":
+                memory = {mode: H.memory_cuda(bound, mode) for mode in modes}
+            else:
+                memory = memserver.measure(mod.__name__, case, prov.name, modes)
+            _log(f"{label} memory: " + ", ".join(
+                f"{m} {_mib(memory[m].peak_extra_bytes)}" for m in modes) + f"  ({time.perf_counter() - t0:.1f} s)")
+        for mode in modes:
             records.append(H.Record(
-                case=case, provider=prov.name, mode=mode, timing=timing, memory=memory,
+                case=case, provider=prov.name, mode=mode, timing=timings[mode], memory=memory.get(mode),
                 grads_bytes=mod.grads_bytes(case), flops=mod.flops(case, mode),
                 bytes_moved=mod.bytes_moved(case, mode), rate_unit=mod.RATE_UNIT, peaks=peaks,
                 agreement=agreement, version=prov.version(), note=bound.note,
@@ -133,6 +136,10 @@ def run_case(mod: ModuleType, case: H.Case, wanted: list[str] | None, modes: lis
         del bound
         gc.collect()
     return records
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f} MiB"
 
 
 def _first_line(e: BaseException) -> str:

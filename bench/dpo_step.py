@@ -37,6 +37,7 @@ BETA = 0.1
 REF_NOISE = 0.5  # spread of the cached reference log-probs around the policy's (nats)
 IGNORE_INDEX = -100
 GRAD_NAMES = ["hidden", "weight"]
+PRELOAD = ("trl.kernels", "trl.trainer.utils")  # imported once by the memory server (slow imports)
 DEFAULT_MODES = ("fwd+bwd",)  # a training step; --mode asks for fwd / bwd explicitly
 
 

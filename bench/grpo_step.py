@@ -35,6 +35,7 @@ SEQ_LEN = 256
 MIN_LENGTH_FRACTION = 0.5
 IGNORE_INDEX = -100
 GRAD_NAMES = ["hidden", "weight"]
+PRELOAD = ("trl.kernels", "trl.trainer.utils")  # imported once by the memory server (slow imports)
 DEFAULT_MODES = ("fwd+bwd",)  # a training step; --mode asks for fwd / bwd explicitly
 
 

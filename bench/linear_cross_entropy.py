@@ -41,6 +41,7 @@ RATE_UNIT = "TFLOP/s"
 IGNORE_INDEX = -100
 IGNORED_FRACTION = 0.1
 GRAD_NAMES = ["hidden", "weight"]
+PRELOAD = ("trl.kernels", "trl.trainer.utils")  # imported once by the memory server (slow imports)
 
 
 def unavailable() -> str | None:

@@ -15,6 +15,11 @@ from __future__ import annotations
 # thread at 8 warps, leaving room for the softmax epilogue.
 LLP_BN = 64
 
+# Token block for fp32 inputs. Their default dot is IEEE fp32 on CUDA cores (no tensor cores),
+# whose [64, 128] tile needs 200-255 registers per thread and spilled on sm_90a in the build
+# report; 32 rows stay under 200 registers on sm_80 and sm_90a with no spill.
+LLP_BN_FP32 = 32
+
 # Token block for tiny batches (N <= LLP_SMALL_N_MAX, e.g. scoring a few sequences in RL). 16 is
 # the smallest M that tl.dot accepts; with BN = 64 three quarters of every MMA would be padding.
 LLP_BN_SMALL = 16

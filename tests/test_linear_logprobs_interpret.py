@@ -63,8 +63,11 @@ def _tail(text: str, n: int = 4000) -> str:
 
 def _crash_summary(output: str) -> str:
     """The fatal-error line and the frames in our files, then the end of the output."""
-    keep = [line for line in output.splitlines()
-            if "Fatal Python error" in line or "/kernels/" in line or "_interpret_worker.py" in line]
+    keep = [
+        line
+        for line in output.splitlines()
+        if "Fatal Python error" in line or "/kernels/" in line or "_interpret_worker.py" in line
+    ]
     return "\n".join(keep[:40]) + "\n--- output tail ---\n" + _tail(output, 2000)
 
 
@@ -78,14 +81,30 @@ def _run_worker(select: str, xml_path: Path) -> dict:
     """``{"cases": {name: (outcome, message, seconds)}, "error": str | None, "wall_s": float}``."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "ALIGNOPS_POISON": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("ALIGNOPS_BACKEND", None)
-    cmd = [sys.executable, "-m", "pytest", WORKER, "-q", "-p", "no:cacheprovider", "-k", select,
-           f"--junitxml={xml_path}", "-o", "junit_family=xunit1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        WORKER,
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        select,
+        f"--junitxml={xml_path}",
+        "-o",
+        "junit_family=xunit1",
+    ]
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        return {"cases": {}, "error": f"worker timed out after {TIMEOUT_S} s\n{_tail(out)}", "wall_s": TIMEOUT_S}
+        return {
+            "cases": {},
+            "error": f"worker timed out after {TIMEOUT_S} s\n{_tail(out)}",
+            "wall_s": TIMEOUT_S,
+        }
     wall = time.perf_counter() - start
     output = proc.stdout + proc.stderr
     if proc.returncode not in (0, 1) or not xml_path.exists():

@@ -52,7 +52,9 @@ def _stats_from_logits(z: torch.Tensor, targets: torch.Tensor, ignore_index: int
     z_y = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     logp = z_y - lse
     logsm = z - lse.unsqueeze(-1)
-    entropy = -(logsm.exp() * logsm).sum(-1)
+    p = logsm.exp()
+    # x log x with x = 0 is 0 (SPEC §1.5): -inf logits must not turn into 0 * inf = NaN
+    entropy = -torch.where(p > 0, p * logsm, torch.zeros_like(p)).sum(-1)
     zmean = z.mean(-1)
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
     return (
@@ -116,7 +118,11 @@ def cross_entropy_ref(
         z = softcap * torch.tanh(z / softcap)
     z = z / temperature
     logp, _, lse, zmean, valid = _stats_from_logits(z, targets, ignore_index)
-    ce = -(1.0 - label_smoothing) * logp + label_smoothing * (lse - zmean) + z_loss * lse * lse
+    ce = -(1.0 - label_smoothing) * logp
+    if label_smoothing != 0.0:  # (a -inf logit makes zmean -inf; 0 * inf must not appear)
+        ce = ce + label_smoothing * (lse - zmean)
+    if z_loss != 0.0:
+        ce = ce + z_loss * lse * lse
     ce = torch.where(valid, ce, torch.zeros((), dtype=ce.dtype, device=ce.device))
     return _reduce(ce, valid, reduction, num_items)
 

@@ -1,0 +1,258 @@
+"""Forward kernels of the fused linear log-probs (SPEC §1.1); the math, the tiling and the naming
+grammar are in the docstring of ``kernels/linear_logprobs.py``, which holds the launchers.
+
+* `_logits_tile`: one ``[BN, BV]`` tile of transformed logits, ``tl.dot`` over ``H`` in ``BD``
+  chunks with an fp32 accumulator (shared with the backward).
+* `_linear_logprobs_fwd_kernel`: grid (token blocks, vocab splits); online max / sum-exp /
+  ``t`` / target logit / sum of logits over the split's vocab blocks -> fp32 partials.
+* `_linear_logprobs_combine_kernel`: grid (row blocks); merges the partials of all splits in
+  split order (deterministic) into logp, lse, entropy, zmean.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Running max before the first logits tile: finite, so `exp(m - m')` and `(m - m') * s` stay
+# 0 instead of becoming NaN (-inf * 0); far below any finite logit a matmul can produce.
+NEG_BIG: tl.constexpr = tl.constexpr(-1.0e38)
+
+# Planes of the forward partials [5, splits, N] fp32: max, sum-exp, target logit, t, sum z.
+_P_MAX: tl.constexpr = tl.constexpr(0)
+_P_SUMEXP: tl.constexpr = tl.constexpr(1)
+_P_ZY: tl.constexpr = tl.constexpr(2)
+_P_T: tl.constexpr = tl.constexpr(3)
+_P_ZSUM: tl.constexpr = tl.constexpr(4)
+
+
+@triton.jit
+def _tanh(x):
+    """tanh in fp32 from exp (the interpreter has no libdevice): (1 - e) / (1 + e) with
+    e = exp(-2|x|), and the odd Taylor series below |x| = 1/16 where 1 - e would cancel
+    (its first dropped term is 17 |x|^7 / 315, < 4e-9 relative there)."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    a2 = a * a
+    small = a * (1.0 - a2 * (0.3333333333333333 - a2 * 0.13333333333333333))
+    t = tl.where(a < 0.0625, small, big)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _logits_tile(
+    p_h,
+    p_w,
+    p_b,
+    o_n,
+    m_n,
+    o_v,
+    m_v,
+    d_stop,
+    H,
+    stride_hn,
+    stride_wv,
+    inv_temp,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BN: tl.constexpr,
+    BV: tl.constexpr,
+    BD: tl.constexpr,
+):
+    """Transformed logits ``z`` [BN, BV] (fp32) of rows ``o_n`` and vocab rows ``o_v``, and
+    ``tanh(r / c)`` [BN, BV] for the soft-cap's derivative (meaningless without a soft-cap).
+    ``d_stop`` is ``H``, or 0 to skip the matmul for a block of ignored rows."""
+    b_acc = tl.zeros([BN, BV], dtype=tl.float32)
+    for d0 in range(0, d_stop, BD):
+        o_d = d0 + tl.arange(0, BD)
+        m_d = o_d < H
+        p_hd = p_h + o_n[:, None] * stride_hn + o_d[None, :]
+        b_h = tl.load(p_hd, mask=m_n[:, None] & m_d[None, :], other=0.0)
+        # W tile loaded transposed, [BD, BV]: no tl.trans needed before the dot
+        p_wd = p_w + o_v[None, :] * stride_wv + o_d[:, None]
+        b_w = tl.load(p_wd, mask=m_d[:, None] & m_v[None, :], other=0.0)
+        if INTERP_BF16:
+            b_h = b_h.to(tl.float32)
+            b_w = b_w.to(tl.float32)
+        # [BN, BD] @ [BD, BV] -> [BN, BV], fp32 accumulator
+        b_acc = tl.dot(b_h, b_w, b_acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        b_acc += tl.load(p_b + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+    b_th = b_acc
+    if HAS_SOFTCAP:
+        b_th = _tanh(b_acc * (1.0 / softcap))
+        b_acc = softcap * b_th
+    return b_acc * inv_temp, b_th
+
+
+@triton.heuristics(
+    {
+        "HAS_BIAS": lambda args: args["p_b"] is not None,
+        "HAS_SOFTCAP": lambda args: args["softcap"] is not None,
+    }
+)
+@triton.jit(do_not_specialize=["N", "blocks_per_split"])
+def _linear_logprobs_fwd_kernel(
+    p_h,
+    p_w,
+    p_b,
+    p_y,
+    p_part,
+    N,
+    V,
+    H,
+    stride_hn,
+    stride_wv,
+    blocks_per_split,
+    ignore_index,
+    inv_temp,
+    softcap,
+    NEED_ENT: tl.constexpr,
+    NEED_ZMEAN: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BN: tl.constexpr,
+    BV: tl.constexpr,
+    BD: tl.constexpr,
+):
+    """One (token block, vocab split): partial (max, sum-exp, z_y, t, sum z) per row into
+    ``p_part`` [5, splits, N] fp32."""
+    # program ids multiply row lengths (N * V, V * H can pass 2**31): int64 from here on
+    i_n = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(1).to(tl.int64)
+    n_splits = tl.num_programs(1).to(tl.int64)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    b_y = tl.load(p_y + o_n, mask=m_n, other=ignore_index)
+    m_valid = m_n & (b_y != ignore_index)
+    d_stop = tl.where(tl.sum(m_valid.to(tl.int32)) > 0, H, 0)
+
+    v_lo = i_s * blocks_per_split * BV
+    v_hi = tl.minimum(v_lo + blocks_per_split * BV, V)
+    v_stop = tl.where(d_stop > 0, v_hi, v_lo)  # all rows ignored: no vocab block at all
+
+    b_m = tl.full([BN], NEG_BIG, dtype=tl.float32)
+    b_s = tl.zeros([BN], dtype=tl.float32)
+    b_t = tl.zeros([BN], dtype=tl.float32)
+    b_zy = tl.zeros([BN], dtype=tl.float32)
+    b_zsum = tl.zeros([BN], dtype=tl.float32)
+    for v0 in range(v_lo, v_stop, BV):
+        # int64 again: the interpreter's loop variable is a plain int (o_v * stride_wv > 2**31)
+        o_v = (v0 + tl.arange(0, BV)).to(tl.int64)
+        m_v = o_v < v_hi
+        b_z, _ = _logits_tile(
+            p_h,
+            p_w,
+            p_b,
+            o_n,
+            m_n,
+            o_v,
+            m_v,
+            d_stop,
+            H,
+            stride_hn,
+            stride_wv,
+            inv_temp,
+            softcap,
+            HAS_BIAS,
+            HAS_SOFTCAP,
+            INTERP_BF16,
+            INPUT_PRECISION,
+            BN,
+            BV,
+            BD,
+        )
+        b_z = tl.where(m_v[None, :], b_z, float("-inf"))
+        b_mnew = tl.maximum(b_m, tl.max(b_z, axis=1))
+        b_alpha = tl.exp(b_m - b_mnew)
+        b_zc = tl.where(m_v[None, :], b_z - b_mnew[:, None], float("-inf"))
+        b_e = tl.exp(b_zc)  # 0 at masked columns
+        if NEED_ENT:
+            b_et = tl.sum(b_e * tl.where(m_v[None, :], b_zc, 0.0), axis=1)
+            b_t = b_alpha * (b_t + (b_m - b_mnew) * b_s) + b_et
+        b_s = b_alpha * b_s + tl.sum(b_e, axis=1)
+        b_m = b_mnew
+        b_zy += tl.sum(tl.where(o_v[None, :] == b_y[:, None], b_z, 0.0), axis=1)
+        if NEED_ZMEAN:
+            b_zsum += tl.sum(tl.where(m_v[None, :], b_z, 0.0), axis=1)
+
+    o_p = i_s * N + o_n
+    plane = n_splits * N
+    tl.store(p_part + _P_MAX * plane + o_p, b_m, mask=m_n)
+    tl.store(p_part + _P_SUMEXP * plane + o_p, b_s, mask=m_n)
+    tl.store(p_part + _P_ZY * plane + o_p, b_zy, mask=m_n)
+    if NEED_ENT:
+        tl.store(p_part + _P_T * plane + o_p, b_t, mask=m_n)
+    if NEED_ZMEAN:
+        tl.store(p_part + _P_ZSUM * plane + o_p, b_zsum, mask=m_n)
+
+
+@triton.heuristics(
+    {
+        "HAS_ENT": lambda args: args["p_ent"] is not None,
+        "HAS_ZMEAN": lambda args: args["p_zmean"] is not None,
+    }
+)
+@triton.jit(do_not_specialize=["N", "n_splits"])
+def _linear_logprobs_combine_kernel(
+    p_part,
+    p_y,
+    p_logp,
+    p_lse,
+    p_ent,
+    p_zmean,
+    N,
+    V,
+    n_splits,
+    ignore_index,
+    HAS_ENT: tl.constexpr,
+    HAS_ZMEAN: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """Merge the ``n_splits`` partials of ``BN`` rows (in split order, so deterministic) and
+    write logp, lse (and entropy, zmean) [N] fp32, exact zeros at ignored rows."""
+    # row indices times split counts can pass 2**31 with the plane offsets: int64
+    i_n = tl.program_id(0).to(tl.int64)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    b_y = tl.load(p_y + o_n, mask=m_n, other=ignore_index)
+    m_valid = m_n & (b_y != ignore_index)
+    n_64 = N.to(tl.int64)  # k * N below must not wrap (the loop variable is int32)
+    plane = n_splits * n_64
+
+    b_m = tl.full([BN], NEG_BIG, dtype=tl.float32)
+    b_s = tl.zeros([BN], dtype=tl.float32)
+    b_t = tl.zeros([BN], dtype=tl.float32)
+    b_zy = tl.zeros([BN], dtype=tl.float32)
+    b_zsum = tl.zeros([BN], dtype=tl.float32)
+    for k in range(0, n_splits):
+        o_p = k * n_64 + o_n
+        b_mk = tl.load(p_part + _P_MAX * plane + o_p, mask=m_n, other=NEG_BIG)
+        b_sk = tl.load(p_part + _P_SUMEXP * plane + o_p, mask=m_n, other=0.0)
+        b_mnew = tl.maximum(b_m, b_mk)
+        b_a = tl.exp(b_m - b_mnew)
+        b_ak = tl.exp(b_mk - b_mnew)
+        if HAS_ENT:
+            b_tk = tl.load(p_part + _P_T * plane + o_p, mask=m_n, other=0.0)
+            b_t = b_a * (b_t + (b_m - b_mnew) * b_s) + b_ak * (b_tk + (b_mk - b_mnew) * b_sk)
+        b_s = b_a * b_s + b_ak * b_sk
+        b_m = b_mnew
+        b_zy += tl.load(p_part + _P_ZY * plane + o_p, mask=m_n, other=0.0)
+        if HAS_ZMEAN:
+            b_zsum += tl.load(p_part + _P_ZSUM * plane + o_p, mask=m_n, other=0.0)
+
+    b_s = tl.where(m_valid, b_s, 1.0)  # ignored rows may have s = 0: keep log / divide finite
+    b_logs = tl.log(b_s)
+    b_lse = b_m + b_logs
+    tl.store(p_logp + o_n, tl.where(m_valid, b_zy - b_lse, 0.0), mask=m_n)
+    tl.store(p_lse + o_n, tl.where(m_valid, b_lse, 0.0), mask=m_n)
+    if HAS_ENT:
+        tl.store(p_ent + o_n, tl.where(m_valid, b_logs - b_t / b_s, 0.0), mask=m_n)
+    if HAS_ZMEAN:
+        tl.store(p_zmean + o_n, tl.where(m_valid, b_zsum / V, 0.0), mask=m_n)
