@@ -32,8 +32,10 @@ def backend_is_triton(t: torch.Tensor) -> bool:
 
 
 def engine(t: torch.Tensor):
-    """The module implementing ``linear_logprobs_fwd`` / ``_bwd`` for ``t``'s device."""
-    if backend_is_triton(t):
+    """The module implementing ``linear_logprobs_fwd`` / ``_bwd`` for ``t``'s device.
+
+    float64 always runs the PyTorch engine (the kernels take 16- and 32-bit floats)."""
+    if backend_is_triton(t) and t.dtype != torch.float64:
         from .kernels import linear_logprobs as triton_engine
 
         return triton_engine

@@ -23,11 +23,12 @@ DEFAULT_DTYPE_CPU = "float32"
 DEFAULT_DTYPE_CUDA = "bfloat16"
 DEFAULT_OUT = H.REPO_ROOT / "bench" / "results"
 
-# --quick: every family once, small enough for < 2 minutes on a 2-core CPU.
-QUICK_MODEL_CPU = "cpu-small"
-QUICK_TOKENS_CPU = (256, 512)
+# --quick: every family, small enough for < 2 minutes on a 2-core CPU; two token counts for the
+# fused linear CE (the plot's lines), one for the others.
+QUICK_MODEL_CPU = "cpu-quick"
+QUICK_TOKENS_CPU = {"linear_cross_entropy": (256, 1024), "default": (1024,)}
 QUICK_MODEL_CUDA = "llama3-8b"
-QUICK_TOKENS_CUDA = (4096, 16384)
+QUICK_TOKENS_CUDA = {"linear_cross_entropy": (4096, 16384), "default": (8192,)}
 QUICK_BUDGET_S = 0.3
 
 
@@ -102,6 +103,7 @@ def run_case(mod: ModuleType, case: H.Case, wanted: list[str] | None, modes: lis
             _add_skip(skips, H.Skip(case.family, prov.name, reason))
             continue
         label = f"{case.family} {case.model} N={case.tokens} {case.dtype} {prov.name}"
+        t0 = time.perf_counter()
         try:
             bound = prov.build(case, inputs)
             out = H.run_once(bound)
@@ -112,6 +114,8 @@ def run_case(mod: ModuleType, case: H.Case, wanted: list[str] | None, modes: lis
             reference, agreement = out, None
         else:
             agreement = H.compare(reference, out, case.torch_dtype, mod.GRAD_NAMES)
+        _log(f"{label} agreement run: {'ref' if agreement is None else agreement.detail}  "
+             f"({time.perf_counter() - t0:.1f} s)")
         timings = {}
         for mode in modes:
             t0 = time.perf_counter()
@@ -152,7 +156,8 @@ def _add_skip(skips: list[H.Skip], skip: H.Skip) -> None:
         skips.append(skip)
 
 
-def _run_all(args: argparse.Namespace, device: str, shapes: list, dtypes: list[str], tokens: list[int],
+def _run_all(args: argparse.Namespace, device: str, shapes: list, dtypes: list[str],
+             tokens: list[int] | dict[str, tuple[int, ...]],
              modes: list[str] | None, budget_s: float, skips: list[H.Skip],
              memserver: H.MemoryServer) -> list[H.Record]:
     records: list[H.Record] = []
@@ -166,7 +171,8 @@ def _run_all(args: argparse.Namespace, device: str, shapes: list, dtypes: list[s
         for shape in shapes:
             softcap = args.softcap if args.softcap is not None else shape.softcap
             for dtype in dtypes:
-                for n in tokens:
+                fam_tokens = tokens.get(fam_name, tokens["default"]) if isinstance(tokens, dict) else tokens
+                for n in fam_tokens:
                     case = H.Case(fam_name, shape.name, n, shape.hidden_size, shape.vocab_size, dtype,
                                   device, softcap)
                     records += run_case(mod, case, args.providers, fam_modes, args, budget_s, skips, memserver)
@@ -186,7 +192,7 @@ def main(argv: list[str]) -> int:
     cuda = device == "cuda"
     if args.quick:
         models = args.model or [QUICK_MODEL_CUDA if cuda else QUICK_MODEL_CPU]
-        tokens = args.tokens or list(QUICK_TOKENS_CUDA if cuda else QUICK_TOKENS_CPU)
+        tokens = args.tokens or dict(QUICK_TOKENS_CUDA if cuda else QUICK_TOKENS_CPU)
         budget_s = args.budget_s or QUICK_BUDGET_S
     else:
         models = args.model or list(DEFAULT_MODELS_CUDA if cuda else DEFAULT_MODELS_CPU)

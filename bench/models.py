@@ -32,6 +32,9 @@ _ENTRIES = (
     ModelShape("smollm2-135m", 576, 49152, None, "HuggingFaceTB/SmolLM2-135M config.json"),
     # Synthetic, CPU-sized: V/H = 64 keeps the vocab-dominated aspect of real LM heads.
     ModelShape("cpu-small", 256, 16384, None, "synthetic"),
+    # Synthetic, for --quick: the same V/H, a 4 MiB fp32 head, so every provider (torch's chunked
+    # path included, whose cost grows with the number of chunks times V·H) runs in well under 1 s.
+    ModelShape("cpu-quick", 128, 8192, None, "synthetic"),
     # Synthetic, for tests: a case runs in milliseconds. V is not a power of two on purpose.
     ModelShape("cpu-tiny", 64, 1000, None, "synthetic"),
 )

@@ -2,17 +2,18 @@
 
 Shapes are written ``[rows, cols]``. ``BN`` is a token block (rows of hidden), ``BV`` a vocab
 block (rows of the LM-head weight), ``BD`` a chunk of the hidden dimension (the ``tl.dot``
-reduction axis). The numbers are starting points chosen from the tile arithmetic below, not
-autotuned results; the launchers read them only through their ``*_config`` heuristics.
+reduction axis). The numbers are starting points chosen from the tile arithmetic below and
+checked with ``alignops kernels`` (registers, shared memory, spills for sm_80 and sm_90a), not
+autotuned on a GPU; the launchers read them only through their ``*_config`` heuristics.
 """
 
 from __future__ import annotations
 
 # --- fused linear log-probs (kernels/linear_logprobs.py) -------------------------------------
 
-# Token block. 64 rows are one Hopper warpgroup MMA (wgmma has M = 64) and four 16-row
-# mma.sync tiles on Ampere; with BV = 128 the fp32 logits tile [64, 128] costs 32 registers per
-# thread at 8 warps, leaving room for the softmax epilogue.
+# Token block (16-bit inputs). 64 rows are one Hopper warpgroup MMA (wgmma has M = 64) and four
+# 16-row mma.sync tiles on Ampere; with BV = 128 the fp32 logits tile [64, 128] costs 32
+# registers per thread at 8 warps, leaving room for the softmax epilogue.
 LLP_BN = 64
 
 # Token block for fp32 inputs. Their default dot is IEEE fp32 on CUDA cores (no tensor cores),
@@ -33,17 +34,17 @@ LLP_BV = 128
 # and the K-depth of 4 bf16 wgmma steps. Per stage: h [64, 64] 8 KiB + W [64, 128] 16 KiB.
 LLP_BD_16BIT = 64
 
-# Hidden chunk for fp32 inputs: half the elements so a stage keeps the same 24 KiB of shared
-# memory (3 stages = 72 KiB, which fits the 164 KiB of an A100 as well as an H100's 228 KiB).
+# Hidden chunk for fp32 inputs: half the elements, so a row of the tile is the same 128 bytes.
 LLP_BD_FP32 = 32
 
 # Warps per program of the tile kernels: 8 warps (2 warpgroups) split the [64, 128] fp32 tile so
-# the exp / where / sum epilogue does not spill; 4 warps would hold 64 accumulator registers per
-# thread before the epilogue starts.
+# the exp / where / sum epilogue fits: 124-192 registers per thread for bf16 on sm_90a. With 4
+# warps the same kernels reached 255 registers and spilled (8-232 bytes) on sm_80 and sm_90a.
 LLP_NUM_WARPS = 8
 
-# Software-pipelining depth over the hidden chunks: 3 stages hide global-load latency on
-# A100 / H100 at 72 KiB of shared memory (see the per-stage sizes above).
+# Software-pipelining depth over the hidden chunks: 3 stages hide global-load latency. Shared
+# memory of the bf16 BN = 64 tile kernels: 72 KiB on sm_90a, 48 KiB on sm_80 (under the 164 KiB
+# of an A100 and the 228 KiB of an H100, so two programs could share an SM by memory).
 LLP_NUM_STAGES = 3
 
 # Forward vocab split: aim for this many programs per streaming multiprocessor, so that a small
@@ -64,6 +65,7 @@ LLP_MAX_SPLITS = 128
 # purely memory-bound pass; 128 rows = 512 contiguous bytes per plane and split per program.
 LLP_COMBINE_BN = 128
 LLP_COMBINE_NUM_WARPS = 4
+LLP_COMBINE_NUM_STAGES = 1  # no tl.dot: nothing for the software pipeliner to overlap
 
 # Backward workspace floor, in elements. The backward writes the logit gradient dz of one
 # chunk of tokens or vocab rows ([tokens, vocab chunk] or [token chunk, V]) in the input dtype,

@@ -44,14 +44,13 @@ How the work is tiled (block sizes and their reasons in ``kernels/constants.py``
   are all ignored skips its matmuls.
 * backward ``_linear_logprobs_bwd_kernel``: grid (token blocks, vocab blocks) of one chunk;
   each program recomputes its logits tile, forms ``dr`` and stores it in the input dtype into
-  a bounded workspace (plus fp32 column sums for ``db``). Two cuBLAS GEMMs then contract the
-  chunk: ``dW[chunk] = dr.T @ h`` (vocab chunks over all tokens) and ``dh[chunk] = dr @ W``
-  (token chunks over the whole vocab). Every gradient row is written once, in its output
-  dtype; nothing uses float atomics, so the backward is deterministic. The workspace holds
-  ``max(N * H, 2**26)`` elements (at least one block: ``N x BV`` or ``BN x V``), never more
-  than the hidden states once they pass 2**26 elements. When it holds the whole ``dr`` (small
-  problems) one recomputation feeds both GEMMs; otherwise the logits are recomputed once per
-  GEMM (8 N V H flops instead of 6). A Triton-only backward keeping its accumulators on chip
+  a bounded workspace of one vocabulary chunk ``[N, vc]`` (plus fp32 column sums for ``db``).
+  cuBLAS then contracts the chunk: ``dW[chunk] = dr.T @ h`` (each dW row written once, in the
+  weight's dtype) and ``dh += dr @ W[chunk]`` (an fp32 ``[N, H]`` accumulator, O(N)). Nothing
+  uses float atomics, so the backward is deterministic. The workspace holds
+  ``max(N * H, 2**26)`` elements (at least ``N x BV``) and never spans the whole vocabulary,
+  so no ``[N, V]``-shaped tensor exists on any path. One recomputation of the logits feeds all
+  contractions: 6 N V H flops for the backward. A Triton-only backward keeping its accumulators on chip
   would recompute the logits once per hidden chunk of the accumulator (about ``H / 256``
   times), and one with atomics (as in Cut Cross-Entropy) would not be deterministic.
 
@@ -74,6 +73,7 @@ fp32 and the backward's bf16 stores round by hand (`_to_bf16_rne`). It is never 
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -150,6 +150,25 @@ def bwd_config(n: int, v: int, h: int, dtype: torch.dtype) -> BwdConfig:
     return BwdConfig(_bn_for(n, dtype), C.LLP_BV, _bd_for(dtype), C.LLP_NUM_WARPS, C.LLP_NUM_STAGES, ws)
 
 
+def _mm_accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with an fp32 accumulator ``acc`` and fp32 products.
+
+    16-bit operands: cuBLAS with an fp32 output where torch offers it (``out_dtype``),
+    else the operands are upcast (bounded: one workspace chunk and one weight chunk).
+    """
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda:
+        try:
+            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+            return
+        except (TypeError, RuntimeError):
+            pass
+    acc.addmm_(a.float(), b.float())
+
+
+@functools.lru_cache(maxsize=16)
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -247,7 +266,9 @@ def linear_logprobs_fwd(
     """Forward of SPEC §1.1: ``(logp, lse, entropy | None, zmean | None)``, each [N] fp32.
 
     hidden [N, H], weight [V, H] (bf16 / fp16 / fp32, same dtype), targets [N] int64, bias [V]
-    or None. ``config`` overrides the heuristic (benchmarks, tests).
+    or None. Targets must lie in ``[0, V)`` or equal ``ignore_index``; that is not checked here
+    (it would need a device sync; the caller checks). ``config`` overrides the heuristic
+    (benchmarks, tests).
     """
     n, v, h = _check_inputs(hidden, weight, targets, bias, temperature, softcap)
     dev = hidden.device
@@ -306,6 +327,7 @@ def linear_logprobs_fwd(
         ignore_index=ignore_index,
         BN=C.LLP_COMBINE_BN,
         num_warps=C.LLP_COMBINE_NUM_WARPS,
+        num_stages=C.LLP_COMBINE_NUM_STAGES,
     )
     return logp, lse, ent, zmean
 
@@ -381,58 +403,44 @@ def linear_logprobs_bwd(
     )
     n_tb = triton.cdiv(n, cfg.BN)
     ws_elems = max(cfg.workspace_elems, cfg.BN * cfg.BV)
+    # Vocab chunks over all tokens. A chunk never spans the whole vocabulary (when V > BV), so
+    # no [N, V]-shaped tensor exists even for small problems; one recomputation of the logits
+    # feeds all three contractions: dW[chunk] = dr.T @ h, db[chunk] = column sums of dr and
+    # dh += dr @ W[chunk] (accumulated in fp32: 6 N V H flops in all, never 8).
     vc = min(v, max(cfg.BV, ws_elems // n // cfg.BV * cfg.BV))
-    fuse_dh = need_dhidden and vc == v  # the whole dr fits: one recomputation feeds both GEMMs
-    dh_done = not need_dhidden
-
-    if need_dweight or need_dbias:
-        # vocab chunks over all tokens: dW[chunk] = dr.T @ h, db[chunk] = column sums of dr
-        ws = empty((n, vc), dtype=hidden.dtype, device=dev) if need_dweight or fuse_dh else None
-        dbp = empty((n_tb, vc), dtype=torch.float32, device=dev) if need_dbias else None
-        for v0 in range(0, v, vc):
-            cnt = min(vc, v - v0)
-            _launch(
-                _linear_logprobs_bwd_kernel,
-                (n_tb, triton.cdiv(cnt, cfg.BV)),
-                p_dz=ws,
-                p_db=dbp,
-                n_lo=0,
-                n_count=n,
-                v_lo=v0,
-                v_count=cnt,
-                stride_dz=vc,
-                stride_db=vc,
-                **common,
-            )
-            if need_dweight:
-                torch.mm(ws[:, :cnt].T, hidden, out=dw[v0 : v0 + cnt])
-            if need_dbias:
-                db[v0 : v0 + cnt] = dbp[:, :cnt].sum(dim=0)
-        if fuse_dh:
-            torch.mm(ws, weight, out=dh)
-            dh_done = True
-        del ws, dbp
-
-    if not dh_done:
-        # token chunks over the whole vocab: dh[chunk] = dr @ W
-        nc = min(n, max(cfg.BN, ws_elems // v // cfg.BN * cfg.BN))
-        ws = empty((nc, v), dtype=hidden.dtype, device=dev)
-        for n0 in range(0, n, nc):
-            cnt = min(nc, n - n0)
-            _launch(
-                _linear_logprobs_bwd_kernel,
-                (triton.cdiv(cnt, cfg.BN), triton.cdiv(v, cfg.BV)),
-                p_dz=ws,
-                p_db=None,
-                n_lo=n0,
-                n_count=cnt,
-                v_lo=0,
-                v_count=v,
-                stride_dz=v,
-                stride_db=0,
-                **common,
-            )
-            torch.mm(ws[:cnt], weight, out=dh[n0 : n0 + cnt])
+    if vc >= v and v > cfg.BV:
+        vc = triton.cdiv(triton.cdiv(v, 2), cfg.BV) * cfg.BV
+    ws = empty((n, vc), dtype=hidden.dtype, device=dev)
+    dbp = empty((n_tb, vc), dtype=torch.float32, device=dev) if need_dbias else None
+    dh_acc = None
+    if need_dhidden:
+        dh_acc = dh if dh.dtype == torch.float32 else torch.zeros((n, h), dtype=torch.float32, device=dev)
+        if dh_acc is dh:
+            dh.zero_()
+    for v0 in range(0, v, vc):
+        cnt = min(vc, v - v0)
+        _launch(
+            _linear_logprobs_bwd_kernel,
+            (n_tb, triton.cdiv(cnt, cfg.BV)),
+            p_dz=ws,
+            p_db=dbp,
+            n_lo=0,
+            n_count=n,
+            v_lo=v0,
+            v_count=cnt,
+            stride_dz=vc,
+            stride_db=vc,
+            **common,
+        )
+        dr = ws[:, :cnt]
+        if need_dweight:
+            torch.mm(dr.T, hidden, out=dw[v0 : v0 + cnt])  # [cnt, N] @ [N, H]
+        if need_dbias:
+            db[v0 : v0 + cnt] = dbp[:, :cnt].sum(dim=0)
+        if dh_acc is not None:
+            _mm_accumulate_fp32(dh_acc, dr, weight[v0 : v0 + cnt])  # [N, cnt] @ [cnt, H]
+    if dh_acc is not None and dh_acc is not dh:
+        dh.copy_(dh_acc)
     return dh, dw, db
 
 
@@ -544,7 +552,7 @@ def _aot_specs() -> list[AotSpec]:
                 torch.float32,
                 cx,
                 warps=C.LLP_COMBINE_NUM_WARPS,
-                stages=1,
+                stages=C.LLP_COMBINE_NUM_STAGES,
                 label=label,
             )
         )

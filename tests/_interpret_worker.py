@@ -53,7 +53,7 @@ class Case:
     bias: bool = True
     softcap: float | None = None
     temperature: float = 1.0
-    ignore: str = "some"  # "none" | "some" | "all"
+    ignore: str = "some"  # "none" | "some" | "all" | "one" (only the last row valid)
     fwd: K.FwdConfig | None = None  # None: the launcher's heuristic (what a GPU runs)
     bwd: K.BwdConfig | None = None
     grads: tuple[str, ...] = GRADS  # upstream gradients given (others None)
@@ -83,6 +83,8 @@ CASES = [
     ),
     # every row ignored: all outputs and gradients exactly 0, no NaN from empty rows
     pytest.param(Case(ignore="all", softcap=5.0, fwd=SPLIT3_FWD, bwd=SMALL_BWD), id="fp32-all-ignored"),
+    # a single valid row: its token block must not be skipped as "all ignored"
+    pytest.param(Case(ignore="one", fwd=SMALL_FWD, bwd=SMALL_BWD), id="fp32-one-valid-row"),
     pytest.param(Case(ignore="none", N=16, fwd=None), id="fp32-tiny-batch-BN16"),
     # |z| ~ 1e4 in fp32: online rescaling must not overflow or lose the entropy. An ulp of 1e4
     # is 1e-3 and the 40-term dot rounds at that level, so absolute tolerances scale with |z|.
@@ -118,6 +120,8 @@ def _inputs(c: Case, seed: int = 0):
         targets[0] = IGNORE  # the first row of the first token block
     elif c.ignore == "all":
         targets[:] = IGNORE
+    elif c.ignore == "one":
+        targets[:-1] = IGNORE
     ups = {k: (torch.randn(c.N, generator=g) if k in c.grads else None) for k in GRADS}
     return hidden, weight, bias, targets, ups
 
