@@ -18,13 +18,19 @@ Options: ``--family`` ``--model`` ``--tokens`` (comma lists) ``--hidden`` ``--vo
 ``--out DIR`` (default ``bench/results``) ``--tag`` ``--plot`` ``--no-memory`` ``--no-save``
 ``--memory-report`` ``--budget-s``.
 
+Families: ``linear_cross_entropy``, ``cross_entropy`` (on logits), ``dpo_step``, ``grpo_step``
+(a loss step from hidden states) and ``divergence`` (skipped until alignops has one); each
+module's docstring defines its inputs, providers and FLOP / byte counts.
+
 Providers (a family lists the ones that apply): ``alignops`` (the public API); ``torch`` (the
 package reference ``alignops.reference``, eager, full logits: the baseline of the ``x torch``
 column); ``torch.compile`` (the same reference under ``torch.compile(dynamic=False)``);
-``torch-native`` (``F.cross_entropy`` on fp32 logits, the line people write; the reference also
+``torch-native`` (``F.cross_entropy`` on fp32 logits, the line people write: the reference also
 computes entropy and mean-logit terms, so it is slower than what people run); ``torch-chunked``
-(``F.linear_cross_entropy`` with ``LinearCrossEntropyOptions()``, torch >= 2.13); ``liger`` and
-``cce`` when importable and runnable. A provider that cannot run is skipped with its reason.
+(``F.linear_cross_entropy`` with ``LinearCrossEntropyOptions()``, torch >= 2.13); ``trl``
+(TRL's ``selective_log_softmax`` on full logits) and ``trl-chunked`` (TRL's fused LM head
+``trl.kernels.ChunkedLogProbFunction``); ``liger`` and ``cce`` when importable and runnable. A
+provider that cannot run is skipped with its reason; the version of every peer is recorded.
 
 What is measured, per case (family, model shape, tokens N, dtype) and mode:
 
@@ -45,10 +51,10 @@ What is measured, per case (family, model shape, tokens N, dtype) and mode:
   has imported torch and the family module and run nothing. The child builds the inputs, warms
   the op up with one fwd+bwd, then for each mode: frees the last outputs and gradients, trims
   the heap, reads RSS, resets the kernel's high-water mark (``/proc/self/clear_refs`` = 5) and
-  runs the step once; peak extra = ``VmHWM`` - RSS before the step. The kernel updates the high-water
-  mark before RSS ever drops, so short peaks are not missed. glibc malloc would keep freed
+  runs the step once; peak extra = ``VmHWM`` - RSS before the step. The kernel updates the
+  high-water mark before RSS ever drops, so short peaks are not missed. glibc malloc would keep freed
   blocks in its heap (RSS then overstates what is live, and a warm-up hides the next peak), so
-  the child sets ``M_MMAP_THRESHOLD`` to ``MALLOC_MMAP_THRESHOLD_BYTES`` and trims the heap:
+  the child sets ``M_MMAP_THRESHOLD`` to ``MALLOC_MMAP_THRESHOLD_BYTES`` (``_memory``) and trims the heap:
   every block that size or larger is its own mapping, returned on free, and RSS follows the live
   bytes to the page. Where ``clear_refs`` cannot be written, RSS is sampled every
   ``RSS_SAMPLE_PERIOD_S`` (a lower bound; the method is recorded with every number).
@@ -65,39 +71,44 @@ memory against tokens, one line per provider). Columns: ``x torch`` = time(torch
 speedup over that row; ``ao mem`` = memory(alignops) / memory(row); ``/grads`` = peak extra
 memory over the bytes of the gradients the op must return (1.0 is the floor for fwd+bwd).
 
-Sample output (``alignops bench --quick`` on a 2-core CPU, abridged)::
+Sample output (``alignops bench --quick`` on a 2-core CPU; one block, columns narrowed to fit)::
 
     alignops bench  device: cpu Intel(R) Xeon(R) Processor (2 threads)  torch 2.13.0+cpu  triton 3.9.0
-    commit 1a2b3c4  peaks: 98.6 GFLOP/s float32 (measured, 2048^3 matmul), 11.2 GB/s (measured, copy)
+    commit 206b31c+dirty  2026-11-24T03:00:51+0000
+    load average at start 0.96 on 2 cores
+    peak cpu float32: 0.325 TFLOP/s, 22.5 GB/s, measured at startup (2048^3 float32 matmul, 256 MiB copy)
 
-    linear_cross_entropy  cpu-small  N=1024 H=256 V=16384  float32  grads 17.0 MiB
-    mode     provider          ms p50    p20..p80  TFLOP/s  roof%  extra MiB  /grads  agree  x torch  mem/torch  ao x  ao mem
-    fwd+bwd  alignops           290.1  288..293     0.089   90.1       17.3    1.02  ref       1.43       0.04  1.00    1.00
-    fwd+bwd  torch              415.0  410..420     0.062   63.0      448.2   26.4   ok        1.00       1.00  1.43    0.04
-    ...
+    linear_cross_entropy  cpu-quick  N=1024 H=128 V=8192  float32  grads 4.5 MiB  rate in TFLOP/s
+    mode    provider      ms p50 p20..p80     rate roof% extra MiB /grads agree  x torch mem/torch ao x ao mem
+    fwd+bwd alignops       44.46 44.18..44.81 0.145 44.6      36.5   8.11 ref       3.45     0.157 1.00  1.000
+    fwd+bwd torch          153.2 152.1..154.6 0.042 12.9     231.9  51.53 ok 3e-07  1.00     1.000 3.45  0.157
+    fwd+bwd torch.compile  40.38 39.78..41.2  0.160 49.1      64.0  14.23 ok 3e-07  3.79     0.276 0.91  0.570
+    fwd+bwd torch-native   57.96 57.38..59.17 0.111 34.2      96.0  21.33 ok 3e-07  2.64     0.414 1.30  0.380
+    fwd+bwd torch-chunked  87.11 86.36..88.29 0.074 22.7       8.8   1.96 ok 4e-07  1.76     0.038 1.96  4.128
+    fwd+bwd trl-chunked    191.7 185.1..195.7 0.034 10.3     272.5  60.56 ok 3e-07  0.80     1.175 4.31  0.134
+
+    skipped / failed:
+      linear_cross_entropy   liger   liger-kernel 0.8.5: Triton kernels need a CUDA device, this run is cpu
+      divergence             *       no divergence family in alignops yet (looked for alignops.{...})
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import gc
-import importlib
-import json
 import math
 import os
 import platform
-import select
 import statistics
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ._memory import Memory
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 QUANTILES = (0.5, 0.2, 0.8)
@@ -113,13 +124,6 @@ L2_FLUSH_BYTES = 256 * 2**20  # larger than any current GPU's L2 (H100: 50 MiB)
 # CPU: the agreement run (one fwd+bwd, which also compiles) is the warm-up; the median of at least
 # CPU_MIN_REPS repetitions absorbs one slow call.
 CPU_WARMUP_CALLS = 0
-
-MALLOC_MMAP_THRESHOLD_BYTES = 64 * 2**10  # glibc M_MMAP_THRESHOLD in the memory child
-_M_TRIM_THRESHOLD = -1  # mallopt parameter numbers from glibc's malloc.h
-_M_TOP_PAD = -2
-_M_MMAP_THRESHOLD = -3
-RSS_SAMPLE_PERIOD_S = 0.001
-MEMORY_CHILD_TIMEOUT_S = 1800.0
 
 PEAK_MATMUL_SIZE = 2048
 PEAK_COPY_BYTES = 256 * 2**20
@@ -203,6 +207,12 @@ class Provider:
     build: Callable[[Case, Inputs], Bound]
     skip_reason: Callable[[Case], str | None] = lambda case: None
     version: Callable[[], str] = lambda: ""
+    preload: tuple[str, ...] = ()  # slow imports the memory server does once, before forking
+
+
+def generator(case: Case) -> torch.Generator:
+    """The case's seeded generator, on its device (inputs are drawn where they live)."""
+    return torch.Generator(device=case.device).manual_seed(case.seed)
 
 
 def find_provider(providers: list[Provider], name: str) -> Provider:
@@ -365,166 +375,6 @@ def _time_cuda(setup: Callable[[], None], run: Callable[[], None]) -> Timing:
     return _quantiles([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
-# ----------------------------------------------------------------------------- memory
-
-
-@dataclass
-class Memory:
-    peak_extra_bytes: int | None
-    method: str
-    error: str = ""
-
-
-def memory_cuda(bound: Bound, mode: str) -> Memory:
-    setup, run = mode_steps(bound, mode)
-    setup()
-    run()  # warm-up: autotuning and workspace allocations are not part of the step
-    setup()
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    run()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    setup()
-    return Memory(int(peak), "cuda allocator max_memory_allocated")
-
-
-def _status_kib(field_name: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field_name} not in /proc/self/status")
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-        return True
-    except OSError:
-        return False
-
-
-def _tune_malloc() -> Callable[[], None]:
-    """Make RSS follow live bytes (see the manual); returns a heap-trim function."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES)
-        libc.mallopt(_M_TRIM_THRESHOLD, 0)
-        libc.mallopt(_M_TOP_PAD, 0)
-        return lambda: libc.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        return lambda: None
-
-
-def _peak_during(run: Callable[[], None]) -> tuple[int, int, str]:
-    """``(peak KiB, base KiB, method)`` of the RSS while ``run()`` executes."""
-    if _reset_hwm():
-        base_kib = _status_kib("VmRSS")
-        run()
-        return _status_kib("VmHWM"), base_kib, "VmHWM - VmRSS (clear_refs)"
-    samples = [_status_kib("VmRSS")]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            samples.append(_status_kib("VmRSS"))
-            time.sleep(RSS_SAMPLE_PERIOD_S)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    run()
-    done.set()
-    sampler.join()
-    samples.append(_status_kib("VmRSS"))
-    return max(samples), samples[0], f"RSS sampled every {RSS_SAMPLE_PERIOD_S * 1e3:g} ms (lower bound)"
-
-
-def measure_in_child(family_module: str, case_fields: dict, provider_name: str, modes: list[str]) -> dict:
-    """Peak extra RSS of each mode, in this (fresh) process; see the manual."""
-    trim = _tune_malloc()
-    mod = importlib.import_module(family_module)
-    case = Case(**case_fields)
-    bound = find_provider(mod.providers(), provider_name).build(case, mod.make_inputs(case))
-    setup, run = mode_steps(bound, "fwd+bwd")
-    setup()
-    run()  # warm-up: torch.compile loads its graphs, thread pools start
-    results = {}
-    for mode in modes:
-        setup, run = mode_steps(bound, mode)
-        setup()
-        gc.collect()
-        trim()
-        peak_kib, base_kib, method = _peak_during(run)
-        setup()  # free this mode's outputs and gradients before the next
-        results[mode] = {
-            "peak_extra_bytes": (peak_kib - base_kib) * 1024,
-            "method": f"fresh process per (case, provider), {method}, "
-            f"mmap threshold {MALLOC_MMAP_THRESHOLD_BYTES >> 10} KiB",
-        }
-    return results
-
-
-class MemoryServer:
-    """Runs CPU memory measurements, each in a fresh process.
-
-    A helper interpreter (``python -m alignops.bench._memserver``) imports torch, alignops and the
-    family modules once and then forks one child per measurement: the child starts with no tensor
-    and no thread pool of the benchmark process, in milliseconds rather than the seconds an
-    interpreter start with torch costs. Use as a context manager; one server serves a whole run.
-    """
-
-    def __init__(self) -> None:
-        self._proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> MemoryServer:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _start(self) -> subprocess.Popen:
-        if self._proc is None or self._proc.poll() is not None:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", f"{__package__}._memserver"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
-            )
-        return self._proc
-
-    def measure(self, family_module: str, case: Case, provider_name: str, modes: list[str]) -> dict[str, Memory]:
-        """One fresh process measures every mode of ``modes``, one after the other."""
-        if not os.path.exists("/proc/self/status") or not hasattr(os, "fork"):
-            return {m: Memory(None, "unavailable", "needs Linux (fork, /proc) to measure RSS") for m in modes}
-        proc = self._start()
-        request = {"module": family_module, "case": asdict(case), "provider": provider_name, "modes": modes}
-        proc.stdin.write(json.dumps(request) + "\n")
-        proc.stdin.flush()
-        ready, _, _ = select.select([proc.stdout], [], [], MEMORY_CHILD_TIMEOUT_S)
-        line = proc.stdout.readline() if ready else ""
-        if not line:
-            self.close()
-            return {m: Memory(None, "fresh process", "no answer from the memory server") for m in modes}
-        result = json.loads(line)
-        if "error" in result:
-            return {m: Memory(None, "fresh process", result["error"]) for m in modes}
-        return {m: Memory(int(r["peak_extra_bytes"]), r["method"]) for m, r in result.items()}
-
-    def close(self) -> None:
-        if self._proc is not None:
-            if self._proc.poll() is None:
-                self._proc.stdin.close()
-                try:
-                    self._proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self._proc.kill()
-                    self._proc.wait()
-            self._proc = None
-
-
 # ----------------------------------------------------------------------------- device, roofline
 
 
@@ -630,12 +480,22 @@ def git_commit() -> str:
     env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")  # never write the index
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, env=env, capture_output=True,
-            text=True, timeout=10, check=True,
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, env=env,
-            capture_output=True, text=True, timeout=10, check=True,
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -12,6 +12,10 @@ from collections.abc import Callable
 
 import torch
 
+# Slow imports a provider needs, done once by the CPU memory server before it forks children.
+COMPILE_PRELOAD = ("torch._dynamo", "torch._inductor.compile_fx")
+TRL_PRELOAD = ("trl.kernels", "trl.trainer.utils")
+
 # A token sweep compiles one graph per shape (dynamic=False); torch's default limit of 8 would
 # silently fall back to eager after the eighth.
 COMPILE_RECOMPILE_LIMIT = 64
@@ -101,18 +105,27 @@ def trl_chunked_logprobs(
     ignore_index: int,
     entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """TRL's fused LM head (``trl.kernels.ChunkedLogProbFunction``), called as TRL's patched
-    forward calls it: every position scored with the target clamped, ignored ones zeroed after."""
+    """TRL's fused LM head (``trl.kernels.ChunkedLogProbFunction``), called as TRL 1.16's patched
+    forward calls it: on CUDA only the valid positions are scored (``hidden[mask]``), elsewhere
+    every position with the target clamped; ignored positions come back as 0."""
     from trl.kernels import ChunkedLogProbFunction
     from trl.trainer import utils as trl_utils
 
     chunk = getattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", TRL_CHUNK_SIZE_FALLBACK)
     mask = targets != ignore_index
     outputs = ("entropy",) if entropy else ()
-    logps, ent, *_ = ChunkedLogProbFunction.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, None, targets.clamp(min=0).reshape(-1), 1.0, chunk,
-        softcap, 1.0, outputs,
-    )
-    logps = logps.view(mask.shape).masked_fill(~mask, 0.0)
-    ent = None if ent is None else ent.view(mask.shape).masked_fill(~mask, 0.0)
-    return logps, ent
+    compact = hidden.device.type in ("cuda", "xpu")
+    if compact:
+        h, y = hidden[mask], targets[mask]
+    else:
+        h, y = hidden.reshape(-1, hidden.shape[-1]), targets.clamp(min=0).reshape(-1)
+    logps, ent, *_ = ChunkedLogProbFunction.apply(h, weight, None, y, 1.0, chunk, softcap, 1.0, outputs)
+
+    def place(x: torch.Tensor | None) -> torch.Tensor | None:
+        if x is None:
+            return None
+        if compact:
+            return x.new_zeros(mask.shape).masked_scatter(mask, x)
+        return x.view(mask.shape).masked_fill(~mask, 0.0)
+
+    return place(logps), place(ent)

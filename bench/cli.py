@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from types import ModuleType
 import torch
 
 from . import _harness as H
+from . import _memory as M
 from . import _report
 from .models import DEFAULT_MODELS_CPU, DEFAULT_MODELS_CUDA, MODELS, get_model, with_overrides
 
@@ -21,7 +23,15 @@ DEFAULT_TOKENS_CPU = (512, 1024, 2048)
 DEFAULT_TOKENS_CUDA = (4096, 8192, 16384)
 DEFAULT_DTYPE_CPU = "float32"
 DEFAULT_DTYPE_CUDA = "bfloat16"
-DEFAULT_OUT = H.REPO_ROOT / "bench" / "results"
+
+
+def default_out() -> Path:
+    """``bench/results`` of the checkout when running from one, else ``./alignops-bench-results``
+    (an installed package must not write into site-packages)."""
+    if (H.REPO_ROOT / ".git").exists():
+        return H.REPO_ROOT / "bench" / "results"
+    return Path.cwd() / "alignops-bench-results"
+
 
 # --quick: every family, small enough for < 2 minutes on a 2-core CPU; two token counts for the
 # fused linear CE (the plot's lines), one for the others.
@@ -37,20 +47,32 @@ def _csv(text: str) -> list[str]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="alignops bench", description="Microbenchmarks; manual: bench/_harness.py")
+    p = argparse.ArgumentParser(
+        prog="alignops bench", description="Microbenchmarks; the manual is bench/_harness.py's docstring."
+    )
     p.add_argument("--family", type=_csv, default=None, help=f"comma list of {', '.join(FAMILIES)}")
     p.add_argument("--model", type=_csv, default=None, help=f"comma list of {', '.join(MODELS)}")
     p.add_argument("--tokens", type=lambda s: [int(x) for x in _csv(s)], default=None, help="N, comma list")
     p.add_argument("--hidden", type=int, default=None, help="override H of the model")
     p.add_argument("--vocab", type=int, default=None, help="override V of the model")
     p.add_argument("--softcap", type=float, default=None, help="override the model's final-logit soft-cap")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="sequence length T of the dpo_step / grpo_step batches (default 256); N = sequences * T",
+    )
     p.add_argument("--providers", type=_csv, default=None, help="comma list; default: all that apply")
     p.add_argument("--dtype", type=_csv, default=None, help=f"comma list of {', '.join(H.DTYPES)}")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--mode", type=_csv, default=None,
-                   help="fwd, bwd, fwd+bwd or all (default: all; fwd+bwd for the *_step families)")
+    p.add_argument(
+        "--mode",
+        type=_csv,
+        default=None,
+        help="fwd, bwd, fwd+bwd or all (default: all; fwd+bwd for the *_step families)",
+    )
     p.add_argument("--quick", action="store_true", help="every family once, small shapes")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results)")
     p.add_argument("--tag", default=None, help="JSON file name (default: quick / run)")
     p.add_argument("--plot", action="store_true", help="draw PNGs (matplotlib)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
@@ -88,9 +110,16 @@ def _log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def run_case(mod: ModuleType, case: H.Case, wanted: list[str] | None, modes: list[str],
-             args: argparse.Namespace, budget_s: float, skips: list[H.Skip],
-             memserver: H.MemoryServer) -> list[H.Record]:
+def run_case(
+    mod: ModuleType,
+    case: H.Case,
+    wanted: list[str] | None,
+    modes: list[str],
+    args: argparse.Namespace,
+    budget_s: float,
+    skips: list[H.Skip],
+    memserver: M.MemoryServer,
+) -> list[H.Record]:
     records: list[H.Record] = []
     inputs = mod.make_inputs(case)
     peaks = H.device_peaks(case.device, case.torch_dtype)
@@ -114,29 +143,42 @@ def run_case(mod: ModuleType, case: H.Case, wanted: list[str] | None, modes: lis
             reference, agreement = out, None
         else:
             agreement = H.compare(reference, out, case.torch_dtype, mod.GRAD_NAMES)
-        _log(f"{label} agreement run: {'ref' if agreement is None else agreement.detail}  "
-             f"({time.perf_counter() - t0:.1f} s)")
+        _log(
+            f"{label} agreement run: {'ref' if agreement is None else agreement.detail}  "
+            f"({time.perf_counter() - t0:.1f} s)"
+        )
         timings = {}
         for mode in modes:
             t0 = time.perf_counter()
             timings[mode] = H.time_step(bound, mode, case.device, budget_s)
             _log(f"{label} {mode}: {timings[mode].p50_ms:.4g} ms  ({time.perf_counter() - t0:.1f} s)")
-        memory: dict[str, H.Memory] = {}
+        memory: dict[str, M.Memory] = {}
         if not args.no_memory:
             t0 = time.perf_counter()
             if case.device == "cuda":
-                memory = {mode: H.memory_cuda(bound, mode) for mode in modes}
+                memory = {mode: M.memory_cuda(bound, mode) for mode in modes}
             else:
-                memory = memserver.measure(mod.__name__, case, prov.name, modes)
-            _log(f"{label} memory: " + ", ".join(
-                f"{m} {_mib(memory[m].peak_extra_bytes)}" for m in modes) + f"  ({time.perf_counter() - t0:.1f} s)")
+                memory = memserver.measure(mod.__name__, case, prov.name, modes, prov.preload)
+            peaks_text = ", ".join(f"{m} {_mib(memory[m].peak_extra_bytes)}" for m in modes)
+            _log(f"{label} memory: {peaks_text}  ({time.perf_counter() - t0:.1f} s)")
         for mode in modes:
-            records.append(H.Record(
-                case=case, provider=prov.name, mode=mode, timing=timings[mode], memory=memory.get(mode),
-                grads_bytes=mod.grads_bytes(case), flops=mod.flops(case, mode),
-                bytes_moved=mod.bytes_moved(case, mode), rate_unit=mod.RATE_UNIT, peaks=peaks,
-                agreement=agreement, version=prov.version(), note=bound.note,
-            ))
+            records.append(
+                H.Record(
+                    case=case,
+                    provider=prov.name,
+                    mode=mode,
+                    timing=timings[mode],
+                    memory=memory.get(mode),
+                    grads_bytes=mod.grads_bytes(case),
+                    flops=mod.flops(case, mode),
+                    bytes_moved=mod.bytes_moved(case, mode),
+                    rate_unit=mod.RATE_UNIT,
+                    peaks=peaks,
+                    agreement=agreement,
+                    version=prov.version(),
+                    note=bound.note,
+                )
+            )
         del bound
         gc.collect()
     return records
@@ -156,10 +198,17 @@ def _add_skip(skips: list[H.Skip], skip: H.Skip) -> None:
         skips.append(skip)
 
 
-def _run_all(args: argparse.Namespace, device: str, shapes: list, dtypes: list[str],
-             tokens: list[int] | dict[str, tuple[int, ...]],
-             modes: list[str] | None, budget_s: float, skips: list[H.Skip],
-             memserver: H.MemoryServer) -> list[H.Record]:
+def _run_all(
+    args: argparse.Namespace,
+    device: str,
+    shapes: list,
+    dtypes: list[str],
+    tokens: list[int] | dict[str, tuple[int, ...]],
+    modes: list[str] | None,
+    budget_s: float,
+    skips: list[H.Skip],
+    memserver: M.MemoryServer,
+) -> list[H.Record]:
     records: list[H.Record] = []
     for fam_name in args.family or FAMILIES:
         mod = _family(fam_name)
@@ -173,14 +222,22 @@ def _run_all(args: argparse.Namespace, device: str, shapes: list, dtypes: list[s
             for dtype in dtypes:
                 fam_tokens = tokens.get(fam_name, tokens["default"]) if isinstance(tokens, dict) else tokens
                 for n in fam_tokens:
-                    case = H.Case(fam_name, shape.name, n, shape.hidden_size, shape.vocab_size, dtype,
-                                  device, softcap)
-                    records += run_case(mod, case, args.providers, fam_modes, args, budget_s, skips, memserver)
+                    case = H.Case(
+                        fam_name, shape.name, n, shape.hidden_size, shape.vocab_size, dtype, device, softcap
+                    )
+                    records += run_case(
+                        mod, case, args.providers, fam_modes, args, budget_s, skips, memserver
+                    )
     return records
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.seq_len is not None:
+        if args.seq_len < 2:
+            raise SystemExit("alignops bench: --seq-len must be >= 2")
+        # an environment variable, so the fresh processes that measure memory see it too
+        os.environ["ALIGNOPS_BENCH_SEQ_LEN"] = str(args.seq_len)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -211,12 +268,15 @@ def main(argv: list[str]) -> int:
     env = H.environment(device)
     skips: list[H.Skip] = []
     started = time.perf_counter()
-    with H.MemoryServer() as memserver:
+    with M.MemoryServer() as memserver:
         records = _run_all(args, device, shapes, dtypes, tokens, modes, budget_s, skips, memserver)
     elapsed_s = time.perf_counter() - started
 
-    peaks = {f"{dev} {str(dt).removeprefix('torch.')}": f"{p.flops_per_s / 1e12:.3g} TFLOP/s, "
-             f"{p.bytes_per_s / 1e9:.3g} GB/s, {p.source}" for (dev, dt), p in H._PEAK_CACHE.items()}
+    peaks = {
+        f"{dev} {str(dt).removeprefix('torch.')}": f"{p.flops_per_s / 1e12:.3g} TFLOP/s, "
+        f"{p.bytes_per_s / 1e9:.3g} GB/s, {p.source}"
+        for (dev, dt), p in H._PEAK_CACHE.items()
+    }
     print(_report.header(env, peaks))
     print(_report.table(records))
     if args.memory_report or args.hidden is not None or args.vocab is not None:
@@ -224,6 +284,7 @@ def main(argv: list[str]) -> int:
     print(_report.skipped(skips))
     print(f"\n{len(records)} measurements in {elapsed_s:.1f} s")
     if not args.no_save:
+        args.out = args.out or default_out()
         args.out.mkdir(parents=True, exist_ok=True)
         tag = args.tag or ("quick" if args.quick else "run")
         arg_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

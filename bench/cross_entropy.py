@@ -19,14 +19,15 @@ import torch.nn.functional as F
 import alignops
 from alignops.reference import cross_entropy_ref
 
-from ._harness import Bound, Case, Inputs, Provider
-from ._peers import compiled, liger_skip_reason, liger_version
+from ._harness import Bound, Case, Inputs, Provider, generator
+from ._peers import COMPILE_PRELOAD, compiled, liger_skip_reason, liger_version
 
 FAMILY = "cross_entropy"
 RATE_UNIT = "GB/s"
 IGNORE_INDEX = -100
 IGNORED_FRACTION = 0.1
 FLOPS_PER_LOGIT_PASS = 4.0
+LOGIT_STD = 2.0  # spread of the random logits, about a trained head's
 GRAD_NAMES = ["logits"]
 
 
@@ -35,13 +36,13 @@ def unavailable() -> str | None:
 
 
 def make_inputs(case: Case) -> Inputs:
-    g = torch.Generator().manual_seed(case.seed)
+    g = generator(case)
     n, v = case.tokens, case.vocab
-    logits = torch.randn(n, v, generator=g) * 2.0  # spread like a trained head's logits
-    targets = torch.randint(0, v, (n,), generator=g)
-    targets[torch.rand(n, generator=g) < IGNORED_FRACTION] = IGNORE_INDEX
-    logits = logits.to(device=case.device, dtype=case.torch_dtype).requires_grad_()
-    return Inputs({"logits": logits, "targets": targets.to(case.device)}, [logits])
+    logits = torch.randn(n, v, generator=g, device=case.device) * LOGIT_STD
+    targets = torch.randint(0, v, (n,), generator=g, device=case.device)
+    targets[torch.rand(n, generator=g, device=case.device) < IGNORED_FRACTION] = IGNORE_INDEX
+    logits = logits.to(case.torch_dtype).requires_grad_()
+    return Inputs({"logits": logits, "targets": targets}, [logits])
 
 
 def flops(case: Case, mode: str) -> float:
@@ -108,7 +109,7 @@ def providers() -> list[Provider]:
     return [
         Provider("alignops", _alignops, version=lambda: alignops.__version__),
         Provider("torch", _torch),
-        Provider("torch.compile", _torch_compile),
+        Provider("torch.compile", _torch_compile, preload=COMPILE_PRELOAD),
         Provider("torch-native", _torch_native),
         Provider("liger", _liger, liger_skip_reason, liger_version),
     ]

@@ -21,7 +21,8 @@ CANDIDATE_API_NAMES = ("linear_divergence", "linear_kl_divergence", "linear_jsd"
 def unavailable() -> str | None:
     found = [name for name in CANDIDATE_API_NAMES if hasattr(alignops, name)]
     if not found:
-        return f"no divergence family in alignops yet (looked for alignops.{{{', '.join(CANDIDATE_API_NAMES)}}})"
+        names = ", ".join(CANDIDATE_API_NAMES)
+        return f"no divergence family in alignops yet (looked for alignops.{{{names}}})"
     return f"alignops.{found[0]} exists but bench/divergence.py has no providers for it yet"
 
 

@@ -20,24 +20,30 @@ Roofline counts as ``linear_cross_entropy`` with N = 2B·(T - 1) scored rows.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 import alignops
 
-from ._harness import Bound, Case, Inputs, Provider
-from ._peers import compiled, trl_chunked_logprobs, trl_skip_reason, trl_version
+from ._harness import Bound, Case, Inputs, Provider, generator
+from ._peers import COMPILE_PRELOAD, TRL_PRELOAD, compiled, trl_chunked_logprobs, trl_skip_reason, trl_version
 from .linear_cross_entropy import lm_head_bytes, lm_head_flops, lm_head_grads_bytes
+
+
+def _seq_len() -> int:
+    return int(os.environ.get("ALIGNOPS_BENCH_SEQ_LEN", SEQ_LEN))
+
 
 FAMILY = "dpo_step"
 RATE_UNIT = "TFLOP/s"
-SEQ_LEN = 256
+SEQ_LEN = 256  # default T; `alignops bench --seq-len` (ALIGNOPS_BENCH_SEQ_LEN) overrides it
 PROMPT_FRACTION = 0.5
 BETA = 0.1
 REF_NOISE = 0.5  # spread of the cached reference log-probs around the policy's (nats)
 IGNORE_INDEX = -100
 GRAD_NAMES = ["hidden", "weight"]
-PRELOAD = ("trl.kernels", "trl.trainer.utils")  # imported once by the memory server (slow imports)
 DEFAULT_MODES = ("fwd+bwd",)  # a training step; --mode asks for fwd / bwd explicitly
 
 
@@ -52,7 +58,7 @@ def unavailable() -> str | None:
 
 def layout(case: Case) -> tuple[int, int]:
     """``(pairs B, sequence length T)`` for ``case.tokens``."""
-    seq_len = max(2, min(SEQ_LEN, case.tokens // 2))
+    seq_len = max(2, min(_seq_len(), case.tokens // 2))
     return max(1, case.tokens // (2 * seq_len)), seq_len
 
 
@@ -78,20 +84,24 @@ def make_inputs(case: Case) -> Inputs:
     from alignops.sequence import sequence_logprobs, split_pair
 
     pairs, seq_len = layout(case)
-    g = torch.Generator().manual_seed(case.seed)
-    hidden = torch.randn(2 * pairs, seq_len, case.hidden, generator=g)
-    weight = torch.randn(case.vocab, case.hidden, generator=g) / case.hidden**0.5
-    labels = torch.randint(0, case.vocab, (2 * pairs, seq_len), generator=g)
+    g, dev = generator(case), case.device
+    hidden = torch.randn(2 * pairs, seq_len, case.hidden, generator=g, device=dev)
+    weight = torch.randn(case.vocab, case.hidden, generator=g, device=dev) / case.hidden**0.5
+    labels = torch.randint(0, case.vocab, (2 * pairs, seq_len), generator=g, device=dev)
     labels[:, : int(PROMPT_FRACTION * seq_len)] = IGNORE_INDEX
-    noise = REF_NOISE * torch.randn(2 * pairs, generator=g)
-    hidden = hidden.to(device=case.device, dtype=case.torch_dtype).requires_grad_()
-    weight = weight.to(device=case.device, dtype=case.torch_dtype).requires_grad_()
-    labels = labels.to(case.device)
+    noise = REF_NOISE * torch.randn(2 * pairs, generator=g, device=dev)
+    hidden = hidden.to(case.torch_dtype).requires_grad_()
+    weight = weight.to(case.torch_dtype).requires_grad_()
     with torch.no_grad():
-        ref = sequence_logprobs(hidden, weight, labels, softcap=case.softcap).sums + noise.to(case.device)
+        ref = sequence_logprobs(hidden, weight, labels, softcap=case.softcap).sums + noise
     ref_chosen, ref_rejected = split_pair(ref)
-    tensors = {"hidden": hidden, "weight": weight, "labels": labels, "ref_chosen": ref_chosen,
-               "ref_rejected": ref_rejected}
+    tensors = {
+        "hidden": hidden,
+        "weight": weight,
+        "labels": labels,
+        "ref_chosen": ref_chosen,
+        "ref_rejected": ref_rejected,
+    }
     return Inputs(tensors, [hidden, weight])
 
 
@@ -169,7 +179,7 @@ def providers() -> list[Provider]:
     return [
         Provider("alignops", _alignops, version=lambda: alignops.__version__),
         Provider("torch", _torch),
-        Provider("torch.compile", _torch_compile),
-        Provider("trl", _trl, trl_skip_reason, trl_version),
-        Provider("trl-chunked", _trl_chunked, trl_skip_reason, trl_version),
+        Provider("torch.compile", _torch_compile, preload=COMPILE_PRELOAD),
+        Provider("trl", _trl, trl_skip_reason, trl_version, TRL_PRELOAD),
+        Provider("trl-chunked", _trl_chunked, trl_skip_reason, trl_version, TRL_PRELOAD),
     ]

@@ -20,22 +20,28 @@ Roofline counts as ``linear_cross_entropy`` with N = S·T rows.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 import alignops
 
-from ._harness import Bound, Case, Inputs, Provider
-from ._peers import compiled, trl_chunked_logprobs, trl_skip_reason, trl_version
+from ._harness import Bound, Case, Inputs, Provider, generator
+from ._peers import COMPILE_PRELOAD, TRL_PRELOAD, compiled, trl_chunked_logprobs, trl_skip_reason, trl_version
 from .linear_cross_entropy import lm_head_bytes, lm_head_flops, lm_head_grads_bytes
+
+
+def _seq_len() -> int:
+    return int(os.environ.get("ALIGNOPS_BENCH_SEQ_LEN", SEQ_LEN))
+
 
 FAMILY = "grpo_step"
 RATE_UNIT = "TFLOP/s"
-SEQ_LEN = 256
+SEQ_LEN = 256  # default T; `alignops bench --seq-len` (ALIGNOPS_BENCH_SEQ_LEN) overrides it
 MIN_LENGTH_FRACTION = 0.5
 IGNORE_INDEX = -100
 GRAD_NAMES = ["hidden", "weight"]
-PRELOAD = ("trl.kernels", "trl.trainer.utils")  # imported once by the memory server (slow imports)
 DEFAULT_MODES = ("fwd+bwd",)  # a training step; --mode asks for fwd / bwd explicitly
 
 
@@ -50,7 +56,7 @@ def unavailable() -> str | None:
 
 def layout(case: Case) -> tuple[int, int]:
     """``(completions S, length T)`` for ``case.tokens``."""
-    seq_len = max(1, min(SEQ_LEN, case.tokens))
+    seq_len = max(1, min(_seq_len(), case.tokens))
     return max(1, case.tokens // seq_len), seq_len
 
 
@@ -73,17 +79,17 @@ def grads_bytes(case: Case) -> int:
 
 def make_inputs(case: Case) -> Inputs:
     completions, seq_len = layout(case)
-    g = torch.Generator().manual_seed(case.seed)
-    hidden = torch.randn(completions, seq_len, case.hidden, generator=g)
-    weight = torch.randn(case.vocab, case.hidden, generator=g) / case.hidden**0.5
-    ids = torch.randint(0, case.vocab, (completions, seq_len), generator=g)
-    lengths = torch.randint(int(MIN_LENGTH_FRACTION * seq_len), seq_len + 1, (completions,), generator=g)
-    mask = torch.arange(seq_len).unsqueeze(0) < lengths.unsqueeze(1)
-    advantages = torch.randn(completions, generator=g)
-    hidden = hidden.to(device=case.device, dtype=case.torch_dtype).requires_grad_()
-    weight = weight.to(device=case.device, dtype=case.torch_dtype).requires_grad_()
-    tensors = {"hidden": hidden, "weight": weight, "ids": ids.to(case.device), "mask": mask.to(case.device),
-               "advantages": advantages.to(case.device)}
+    g, dev = generator(case), case.device
+    hidden = torch.randn(completions, seq_len, case.hidden, generator=g, device=dev)
+    weight = torch.randn(case.vocab, case.hidden, generator=g, device=dev) / case.hidden**0.5
+    ids = torch.randint(0, case.vocab, (completions, seq_len), generator=g, device=dev)
+    min_length = int(MIN_LENGTH_FRACTION * seq_len)
+    lengths = torch.randint(min_length, seq_len + 1, (completions,), generator=g, device=dev)
+    mask = torch.arange(seq_len, device=dev).unsqueeze(0) < lengths.unsqueeze(1)
+    advantages = torch.randn(completions, generator=g, device=dev)
+    hidden = hidden.to(case.torch_dtype).requires_grad_()
+    weight = weight.to(case.torch_dtype).requires_grad_()
+    tensors = {"hidden": hidden, "weight": weight, "ids": ids, "mask": mask, "advantages": advantages}
     return Inputs(tensors, [hidden, weight])
 
 
@@ -99,9 +105,11 @@ def _alignops(case: Case, inputs: Inputs) -> Bound:
 
     t = inputs.tensors
     return Bound(
-        lambda: grpo_loss_from_hidden(
-            t["hidden"], t["weight"], t["ids"], t["mask"], None, t["advantages"], softcap=case.softcap
-        ).loss,
+        lambda: (
+            grpo_loss_from_hidden(
+                t["hidden"], t["weight"], t["ids"], t["mask"], None, t["advantages"], softcap=case.softcap
+            ).loss
+        ),
         inputs.leaves,
     )
 
@@ -164,7 +172,7 @@ def providers() -> list[Provider]:
     return [
         Provider("alignops", _alignops, version=lambda: alignops.__version__),
         Provider("torch", _torch),
-        Provider("torch.compile", _torch_compile),
-        Provider("trl", _trl, trl_skip_reason, trl_version),
-        Provider("trl-chunked", _trl_chunked, trl_skip_reason, trl_version),
+        Provider("torch.compile", _torch_compile, preload=COMPILE_PRELOAD),
+        Provider("trl", _trl, trl_skip_reason, trl_version, TRL_PRELOAD),
+        Provider("trl-chunked", _trl_chunked, trl_skip_reason, trl_version, TRL_PRELOAD),
     ]

@@ -22,8 +22,10 @@ import torch.nn.functional as F
 import alignops
 from alignops.reference import linear_cross_entropy_ref
 
-from ._harness import Bound, Case, Inputs, Provider
+from ._harness import Bound, Case, Inputs, Provider, generator
 from ._peers import (
+    COMPILE_PRELOAD,
+    TRL_PRELOAD,
     cce_skip_reason,
     cce_version,
     compiled,
@@ -41,7 +43,6 @@ RATE_UNIT = "TFLOP/s"
 IGNORE_INDEX = -100
 IGNORED_FRACTION = 0.1
 GRAD_NAMES = ["hidden", "weight"]
-PRELOAD = ("trl.kernels", "trl.trainer.utils")  # imported once by the memory server (slow imports)
 
 
 def unavailable() -> str | None:
@@ -49,16 +50,15 @@ def unavailable() -> str | None:
 
 
 def make_inputs(case: Case) -> Inputs:
-    g = torch.Generator().manual_seed(case.seed)
+    g = generator(case)
     n, h, v = case.tokens, case.hidden, case.vocab
-    hidden = torch.randn(n, h, generator=g)
+    hidden = torch.randn(n, h, generator=g, device=case.device)
     # std 1/sqrt(H) gives logits of unit scale, as a trained head roughly does.
-    weight = torch.randn(v, h, generator=g) / h**0.5
-    targets = torch.randint(0, v, (n,), generator=g)
-    targets[torch.rand(n, generator=g) < IGNORED_FRACTION] = IGNORE_INDEX
-    hidden = hidden.to(device=case.device, dtype=case.torch_dtype).requires_grad_()
-    weight = weight.to(device=case.device, dtype=case.torch_dtype).requires_grad_()
-    targets = targets.to(case.device)
+    weight = torch.randn(v, h, generator=g, device=case.device) / h**0.5
+    targets = torch.randint(0, v, (n,), generator=g, device=case.device)
+    targets[torch.rand(n, generator=g, device=case.device) < IGNORED_FRACTION] = IGNORE_INDEX
+    hidden = hidden.to(case.torch_dtype).requires_grad_()
+    weight = weight.to(case.torch_dtype).requires_grad_()
     return Inputs({"hidden": hidden, "weight": weight, "targets": targets}, [hidden, weight])
 
 
@@ -131,7 +131,7 @@ def _torch_chunked(case: Case, inputs: Inputs) -> Bound:
     return Bound(
         lambda: F.linear_cross_entropy(h, w, y, ignore_index=IGNORE_INDEX, options=options),
         inputs.leaves,
-        note=f"options={options}",
+        note=f"gradients computed in the forward; options={options}",
     )
 
 
@@ -153,7 +153,9 @@ def _cce(case: Case, inputs: Inputs) -> Bound:
     h, w, y = _args(inputs)
     # Default gradient filtering (filter_eps="high"): what a CCE user gets.
     return Bound(
-        lambda: cce_linear_cross_entropy(h, w, y, ignore_index=IGNORE_INDEX, softcap=case.softcap, impl="cce"),
+        lambda: cce_linear_cross_entropy(
+            h, w, y, ignore_index=IGNORE_INDEX, softcap=case.softcap, impl="cce"
+        ),
         inputs.leaves,
     )
 
@@ -176,14 +178,14 @@ def providers() -> list[Provider]:
     return [
         Provider("alignops", _alignops, version=lambda: alignops.__version__),
         Provider("torch", _torch),
-        Provider("torch.compile", _torch_compile),
+        Provider("torch.compile", _torch_compile, preload=COMPILE_PRELOAD),
         Provider("torch-native", _torch_native),
         Provider(
             "torch-chunked",
             _torch_chunked,
             lambda case: torch_chunked_skip_reason() or _no_softcap(case),
         ),
-        Provider("trl-chunked", _trl_chunked, trl_skip_reason, trl_version),
+        Provider("trl-chunked", _trl_chunked, trl_skip_reason, trl_version, TRL_PRELOAD),
         Provider("liger", _liger, liger_skip_reason, liger_version),
         Provider("cce", _cce, cce_skip_reason, cce_version),
     ]

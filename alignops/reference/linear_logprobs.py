@@ -45,25 +45,25 @@ def logits_ref(
     return z / temperature
 
 
-def _stats_from_logits(z: torch.Tensor, targets: torch.Tensor, ignore_index: int):
+def _stats_from_logits(
+    z: torch.Tensor, targets: torch.Tensor, ignore_index: int, *, entropy: bool = True, zmean: bool = True
+):
+    """Per-token (logp, entropy | None, lse, zmean | None, valid); the optional statistics
+    are only computed when asked for, so the eager baseline does no extra full-logit work."""
     valid = targets != ignore_index
     safe = torch.where(valid, targets, torch.zeros_like(targets))
     lse = torch.logsumexp(z, dim=-1)
     z_y = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    logp = z_y - lse
-    logsm = z - lse.unsqueeze(-1)
-    p = logsm.exp()
-    # x log x with x = 0 is 0 (SPEC §1.5): -inf logits must not turn into 0 * inf = NaN
-    entropy = -torch.where(p > 0, p * logsm, torch.zeros_like(p)).sum(-1)
-    zmean = z.mean(-1)
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
-    return (
-        torch.where(valid, logp, zero),
-        torch.where(valid, entropy, zero),
-        torch.where(valid, lse, zero),
-        torch.where(valid, zmean, zero),
-        valid,
-    )
+    ent = zbar = None
+    if entropy:
+        logsm = z - lse.unsqueeze(-1)
+        p = logsm.exp()
+        # x log x with x = 0 is 0 (SPEC §1.5): -inf logits must not turn into 0 * inf = NaN
+        ent = torch.where(valid, -torch.where(p > 0, p * logsm, torch.zeros_like(p)).sum(-1), zero)
+    if zmean:
+        zbar = torch.where(valid, z.mean(-1), zero)
+    return torch.where(valid, z_y - lse, zero), ent, torch.where(valid, lse, zero), zbar, valid
 
 
 def linear_logprobs_ref(
@@ -117,7 +117,9 @@ def cross_entropy_ref(
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     z = z / temperature
-    logp, _, lse, zmean, valid = _stats_from_logits(z, targets, ignore_index)
+    logp, _, lse, zmean, valid = _stats_from_logits(
+        z, targets, ignore_index, entropy=False, zmean=label_smoothing != 0.0
+    )
     ce = -(1.0 - label_smoothing) * logp
     if label_smoothing != 0.0:  # (a -inf logit makes zmean -inf; 0 * inf must not appear)
         ce = ce + label_smoothing * (lse - zmean)
