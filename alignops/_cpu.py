@@ -39,10 +39,16 @@ import torch
 
 from ._utils import empty, env_int
 
-#: Workspace for logit tiles, per engine call. 32 MiB keeps the peak extra memory of a
+#: Workspace cap for logit tiles, per engine call. 32 MiB keeps the peak extra memory of a
 #: float32 fwd+bwd at N=4096, H=1024, V=65536 within 1.12x of the returned gradients
-#: while each matmul tile stays large enough (>= 2048 x 1024) for BLAS to run at speed.
+#: while each matmul tile stays large enough (>= 4096 x 1024) for BLAS to run at speed.
 DEFAULT_WORKSPACE_BYTES = 32 * 2**20
+#: Without an explicit ``ALIGNOPS_CPU_WORKSPACE_BYTES`` the workspace is also held to a
+#: quarter of the gradients' size (``(N + V) * H`` elements), so small problems never pay
+#: for tiles they do not need: extra memory <= 1.25x the gradients plus O(N). ...
+WORKSPACE_FRACTION_OF_GRADS = 0.25
+#: ... but never below 4 MiB, where per-tile overheads would dominate the time.
+MIN_WORKSPACE_BYTES = 4 * 2**20
 #: Smallest vocabulary block worth a separate matmul call; below it we chunk tokens.
 #: (``ALIGNOPS_CPU_MIN_VOCAB_BLOCK`` overrides it; tests use tiny values.)
 MIN_VOCAB_BLOCK = 256
@@ -52,9 +58,12 @@ def _compute_dtype(*ts: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
 
 
-def _plan(n: int, v: int, elem: int, nbuf: int) -> tuple[int, int]:
+def _plan(n: int, v: int, h: int, elem: int, nbuf: int) -> tuple[int, int]:
     """Token chunk ``C`` and vocab block ``VB`` so that ``nbuf`` tiles fit the workspace."""
-    budget = env_int("ALIGNOPS_CPU_WORKSPACE_BYTES", DEFAULT_WORKSPACE_BYTES)
+    budget = env_int("ALIGNOPS_CPU_WORKSPACE_BYTES", 0)
+    if budget <= 0:
+        grads = (n + v) * h * elem
+        budget = min(DEFAULT_WORKSPACE_BYTES, max(MIN_WORKSPACE_BYTES, int(grads * WORKSPACE_FRACTION_OF_GRADS)))
     min_vb = env_int("ALIGNOPS_CPU_MIN_VOCAB_BLOCK", MIN_VOCAB_BLOCK)
     per_tile = max(budget // nbuf, elem)
     if n == 0:
@@ -123,7 +132,7 @@ def linear_logprobs_fwd(
     dev = hidden.device
     elem = torch.finfo(cdt).bits // 8
     nbuf = 2
-    C, VB = _plan(n, v, elem, nbuf)
+    C, VB = _plan(n, v, hidden.shape[1], elem, nbuf)
     tiles = _Tiles(hidden, weight, bias, temperature, softcap, cdt)
 
     m = torch.full((n,), -math.inf, dtype=cdt, device=dev)  # running max
@@ -221,7 +230,7 @@ def linear_logprobs_bwd(
         ge_s, gl_s = ge, gl
 
     nbuf = 3 if softcap is not None else 2
-    C, VB = _plan(n, v, elem, nbuf)
+    C, VB = _plan(n, v, hidden.shape[1], elem, nbuf)
     tiles = _Tiles(hidden, weight, bias, temperature, softcap, cdt)
     safe_t = torch.where(valid, targets, torch.zeros_like(targets))
 
