@@ -63,7 +63,8 @@ def _plan(n: int, v: int, h: int, elem: int, nbuf: int) -> tuple[int, int]:
     budget = env_int("ALIGNOPS_CPU_WORKSPACE_BYTES", 0)
     if budget <= 0:
         grads = (n + v) * h * elem
-        budget = min(DEFAULT_WORKSPACE_BYTES, max(MIN_WORKSPACE_BYTES, int(grads * WORKSPACE_FRACTION_OF_GRADS)))
+        budget = int(grads * WORKSPACE_FRACTION_OF_GRADS)
+        budget = min(DEFAULT_WORKSPACE_BYTES, max(MIN_WORKSPACE_BYTES, budget))
     min_vb = env_int("ALIGNOPS_CPU_MIN_VOCAB_BLOCK", MIN_VOCAB_BLOCK)
     per_tile = max(budget // nbuf, elem)
     if n == 0:
