@@ -132,7 +132,7 @@ def linear_logprobs_fwd(
     cdt = _compute_dtype(hidden, weight, bias)
     dev = hidden.device
     elem = torch.finfo(cdt).bits // 8
-    nbuf = 2
+    nbuf = 2 if need_entropy else 1  # entropy needs z - m and exp(z - m) side by side
     C, VB = _plan(n, v, hidden.shape[1], elem, nbuf)
     tiles = _Tiles(hidden, weight, bias, temperature, softcap, cdt)
 
@@ -145,7 +145,7 @@ def linear_logprobs_fwd(
     safe_t = torch.where(valid, targets, torch.zeros_like(targets))
 
     buf_z = torch.empty(C * VB, dtype=cdt, device=dev)
-    buf_e = torch.empty(C * VB, dtype=cdt, device=dev)
+    buf_e = torch.empty(C * VB, dtype=cdt, device=dev) if need_entropy else None
     for v0 in range(0, v, VB):
         v1 = min(v, v0 + VB)
         wb = tiles.weight_block(v0, v1)
@@ -164,7 +164,10 @@ def linear_logprobs_fwd(
             m_new = torch.maximum(m_old, z.amax(1))
             scale = torch.exp(m_old - m_new)  # exp(-inf) = 0 on the first block
             z.sub_(m_new.unsqueeze(1))  # z - m_new
-            e = torch.exp(z, out=buf_e[: rows * (v1 - v0)].view(rows, v1 - v0))
+            if se is not None:
+                e = torch.exp(z, out=buf_e[: rows * (v1 - v0)].view(rows, v1 - v0))
+            else:
+                e = z.exp_()
             if se is not None:
                 # sum e^(z-m_new) (z - m_new), carried from the old shift:
                 # se_old' = scale * (se_old + (m_old - m_new) * s_old)

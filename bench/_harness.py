@@ -444,11 +444,11 @@ def environment(device: str) -> dict:
     else:
         name = _cpu_name()
         detail = f"{torch.get_num_threads()} threads"
-    try:
-        import triton
+    try:  # the version without importing triton (its import is slow and, at exit, noisy)
+        from importlib.metadata import version
 
-        triton_version = triton.__version__
-    except ImportError:
+        triton_version = version("triton")
+    except Exception:
         triton_version = "absent"
     return {
         "device": device,
