@@ -108,6 +108,12 @@ class _Tiles:
         return raw
 
 
+def _target_cols(t: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hit [C], col [C, 1])``: which targets fall in vocab block ``[v0, v1)`` and their
+    column there (clamped into the block for the rows that miss, whose values are masked)."""
+    return (t >= v0) & (t < v1), (t - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
+
+
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``(a * b).sum(1)`` without a temporary of the tiles' size."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
@@ -153,11 +159,9 @@ def linear_logprobs_fwd(
             c1 = min(n, c0 + C)
             rows = c1 - c0
             z = tiles.transform_(tiles.raw(c0, c1, v0, v1, wb, buf_z[: rows * (v1 - v0)].view(rows, v1 - v0)))
-            t = safe_t[c0:c1]
-            hit = (t >= v0) & (t < v1)
-            if bool(hit.any()):
-                idx = hit.nonzero().squeeze(1)
-                zy[c0 + idx] = z[idx, t[idx] - v0]
+            # target logit of the rows whose target falls in this block (no host sync)
+            hit, col = _target_cols(safe_t[c0:c1], v0, v1)
+            zy[c0:c1] += torch.where(hit, z.gather(1, col).squeeze(1), 0.0)
             if zsum is not None:
                 zsum[c0:c1] += z.sum(1)
             m_old = m[c0:c1]
@@ -275,11 +279,8 @@ def linear_logprobs_bwd(
                 dz = z.mul_(-ge_s[c0:c1].unsqueeze(1)).add_(a[c0:c1].unsqueeze(1)).mul_(p)
             else:
                 dz = p.mul_(a[c0:c1].unsqueeze(1))
-            t = safe_t[c0:c1]
-            hit = valid[c0:c1] & (t >= v0) & (t < v1)
-            if bool(hit.any()):
-                idx = hit.nonzero().squeeze(1)
-                dz[idx, t[idx] - v0] += gl_s[c0 + idx]
+            hit, col = _target_cols(safe_t[c0:c1], v0, v1)  # g_logp is already 0 on ignored rows
+            dz.scatter_add_(1, col, torch.where(hit, gl_s[c0:c1], 0.0).unsqueeze(1))
             if has_zbar:
                 dz.add_(zbar_term[c0:c1].unsqueeze(1))
             if softcap is not None:

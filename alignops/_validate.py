@@ -9,6 +9,41 @@ import torch
 from ._utils import env_flag
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def check_number(name: str, v, *, lo: float, lo_open: bool, hi: float = math.inf) -> float:
+    """A finite real (not a bool) with ``v > lo`` (``lo_open``) or ``v >= lo``, and ``v <= hi``."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if (v <= lo if lo_open else v < lo) or v > hi:
+        bound = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi != math.inf else "")
+        raise ValueError(f"{name} must be {bound}, got {v!r}")
+    return float(v)
+
+
+def check_transform(temperature, softcap) -> None:
+    """Logit transform of SPEC §1.1: ``temperature > 0``; ``softcap`` None or > 0."""
+    check_number("temperature", temperature, lo=0.0, lo_open=True)
+    if softcap is not None:
+        check_number("softcap", softcap, lo=0.0, lo_open=True)
+
+
+def check_loss_options(*, reduction, label_smoothing, z_loss, num_items) -> None:
+    """Options shared by ``linear_cross_entropy`` and ``cross_entropy`` (SPEC §3.1-§3.3)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_number("label_smoothing", label_smoothing, lo=0.0, lo_open=False, hi=1.0)
+    check_number("z_loss", z_loss, lo=0.0, lo_open=False)
+    if num_items is None:
+        return
+    if reduction == "none":
+        raise ValueError("num_items divides a summed loss: use reduction='sum' or 'mean', not 'none'")
+    if isinstance(num_items, torch.Tensor):
+        if num_items.numel() != 1:
+            raise ValueError(f"num_items must be a scalar, got shape {tuple(num_items.shape)}")
+    elif isinstance(num_items, bool) or not isinstance(num_items, (int, float)) or not num_items > 0:
+        raise ValueError(f"num_items must be a number > 0 or a scalar tensor, got {num_items!r}")
 
 
 def check_common(hidden, weight, targets, bias, *, temperature, softcap):
@@ -52,10 +87,7 @@ def check_common(hidden, weight, targets, bias, *, temperature, softcap):
         devs.add(bias.device)
     if len(devs) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devs)}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if softcap is not None and (not math.isfinite(softcap) or softcap <= 0):
-        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    check_transform(temperature, softcap)
 
 
 def check_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:

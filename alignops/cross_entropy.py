@@ -26,7 +26,6 @@ PyTorch engine (docs/env.md).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,10 +34,9 @@ from torch.autograd.function import once_differentiable
 
 from ._ops import backend_is_triton
 from ._utils import empty, env_int
-from ._validate import FLOAT_DTYPES, check_targets_in_range
+from ._validate import FLOAT_DTYPES, check_loss_options, check_targets_in_range, check_transform
 
 Reduction = Literal["none", "sum", "mean"]
-_REDUCTIONS = ("none", "sum", "mean")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 #: Bytes of float32 row blocks the CPU engine materializes at once (about three
@@ -281,16 +279,7 @@ def _use_triton(logits: torch.Tensor) -> bool:
     return backend_is_triton(logits)
 
 
-def _check_number(name: str, v, *, lo: float, lo_open: bool, hi: float = math.inf) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number, got {v!r}")
-    if (v <= lo if lo_open else v < lo) or v > hi:
-        bound = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi != math.inf else "")
-        raise ValueError(f"{name} must be {bound}, got {v!r}")
-    return float(v)
-
-
-def _validate(logits, targets, *, ignore_index, reduction, num_items) -> None:
+def _validate(logits, targets, *, ignore_index) -> None:
     if not isinstance(logits, torch.Tensor) or not isinstance(targets, torch.Tensor):
         raise TypeError("logits and targets must be torch.Tensor")
     if logits.dtype not in FLOAT_DTYPES:
@@ -309,16 +298,6 @@ def _validate(logits, targets, *, ignore_index, reduction, num_items) -> None:
         raise ValueError("logits must have a contiguous last (vocab) dimension; call .contiguous() first")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if num_items is not None:
-        if reduction == "none":
-            raise ValueError("num_items divides a summed loss: use reduction='sum' or 'mean', not 'none'")
-        if isinstance(num_items, torch.Tensor):
-            if num_items.numel() != 1:
-                raise ValueError(f"num_items must be a scalar, got shape {tuple(num_items.shape)}")
-        elif isinstance(num_items, bool) or not isinstance(num_items, (int, float)) or not num_items > 0:
-            raise ValueError(f"num_items must be a number > 0 or a scalar tensor, got {num_items!r}")
 
 
 def cross_entropy(
@@ -364,13 +343,17 @@ def cross_entropy(
     Returns:
         float32 (float64 for float64 logits) loss: a scalar, or ``targets.shape``.
     """
-    _validate(logits, targets, ignore_index=ignore_index, reduction=reduction, num_items=num_items)
+    _validate(logits, targets, ignore_index=ignore_index)
+    check_loss_options(
+        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, num_items=num_items
+    )
+    check_transform(temperature, softcap)
     params = CrossEntropyParams(
         ignore_index=ignore_index,
-        label_smoothing=_check_number("label_smoothing", label_smoothing, lo=0.0, lo_open=False, hi=1.0),
-        z_loss=_check_number("z_loss", z_loss, lo=0.0, lo_open=False),
-        temperature=_check_number("temperature", temperature, lo=0.0, lo_open=True),
-        softcap=None if softcap is None else _check_number("softcap", softcap, lo=0.0, lo_open=True),
+        label_smoothing=float(label_smoothing),
+        z_loss=float(z_loss),
+        temperature=float(temperature),
+        softcap=None if softcap is None else float(softcap),
         reduction="none" if reduction == "none" else "sum",
         inplace_backward=bool(inplace_backward),
         use_triton=_use_triton(logits),

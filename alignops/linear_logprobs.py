@@ -21,10 +21,9 @@ from typing import Literal, NamedTuple
 import torch
 
 from ._ops import linear_logprobs_fwd_op
-from ._validate import check_common
+from ._validate import check_common, check_loss_options
 
 Reduction = Literal["none", "sum", "mean"]
-_REDUCTIONS = ("none", "sum", "mean")
 
 
 class LogProbsOutput(NamedTuple):
@@ -130,19 +129,6 @@ def _ce_from_stats(logp, lse, zmean, valid, *, reduction, label_smoothing, z_los
     return total / valid.sum().clamp(min=1)
 
 
-def _check_ce_options(reduction, label_smoothing, z_loss, num_items):
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if z_loss < 0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
-    if num_items is not None and reduction == "none":
-        raise ValueError("num_items normalises a reduced loss; it cannot be used with reduction='none'")
-    if isinstance(num_items, (int, float)) and num_items <= 0:
-        raise ValueError(f"num_items must be > 0, got {num_items}")
-
-
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -170,7 +156,9 @@ def linear_cross_entropy(
     token count instead: gradient accumulation over micro-batches and ranks (no further
     averaging; without it the caller must divide by the number of micro-batches).
     """
-    _check_ce_options(reduction, label_smoothing, z_loss, num_items)
+    check_loss_options(
+        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, num_items=num_items
+    )
     logp, _, lse, zmean = _stats(
         hidden,
         weight,
