@@ -37,7 +37,7 @@ import math
 
 import torch
 
-from ._utils import empty, env_int
+from .kernels._common import empty, env_int
 
 #: Workspace cap for logit tiles, per engine call. 32 MiB keeps the peak extra memory of a
 #: float32 fwd+bwd at N=4096, H=1024, V=65536 within 1.12x of the returned gradients

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ._utils import env_flag
+from .kernels._common import env_flag
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("none", "sum", "mean")

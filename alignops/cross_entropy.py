@@ -33,7 +33,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._ops import backend_is_triton
-from ._utils import empty, env_int
+from .kernels._common import empty, env_int
 from ._validate import FLOAT_DTYPES, check_loss_options, check_targets_in_range, check_transform
 
 Reduction = Literal["none", "sum", "mean"]

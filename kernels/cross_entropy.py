@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from alignops._utils import empty
+from ._common import empty
 
 from ._aot import AotSpec
 

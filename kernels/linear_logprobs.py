@@ -80,7 +80,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from alignops._utils import empty
+from ._common import empty
 
 from . import constants as C
 from ._aot import AotSpec

@@ -30,7 +30,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 from alignops.kernels import linear_logprobs as K  # noqa: E402
 
-from alignops import _utils  # noqa: E402
+from alignops.kernels import _common as _utils  # noqa: E402
 from alignops.reference import logits_ref  # noqa: E402
 from tests._assert import assert_close, assert_close_lowp  # noqa: E402
 

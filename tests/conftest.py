@@ -1,6 +1,6 @@
 """Shared pytest setup.
 
-* ``ALIGNOPS_POISON=1``: every output buffer allocated through ``alignops._utils.empty``
+* ``ALIGNOPS_POISON=1``: every output buffer allocated through ``alignops.kernels._common.empty``
   is filled with NaN first, so an element a kernel forgets to write fails the test.
 * ``cuda`` marked tests skip cleanly on machines without a GPU.
 """
