@@ -3,15 +3,16 @@
 Never materializes the full ``[tokens, vocab]`` logits. CUDA tensors run Triton kernels;
 every other device runs a chunked PyTorch engine with the same math and memory bound.
 
-Layers: the heavy part (``linear_logprobs``, ``linear_cross_entropy``, ``cross_entropy``)
-produces per-token log-probs; ``alignops.sequence`` reduces them per sequence; the loss
-catalog ``alignops.losses`` and the RL helpers ``alignops.rl`` work on those, so cached
-reference log-probs plug in unchanged.
+Layers: the heavy part (``linear_logprobs`` / ``linear_cross_entropy`` from hidden states,
+``logprobs`` / ``cross_entropy`` from logits) produces per-token log-probs;
+``alignops.sequence`` reduces them per sequence; the loss catalog ``alignops.losses`` and the RL
+helpers ``alignops.rl`` work on those, so cached reference log-probs plug in unchanged.
 """
 
 from . import losses  # noqa: F401  (the catalog: alignops.losses.dpo_loss, ...)
-from .cross_entropy import cross_entropy
+from .kernels._common import LogitOptions, TokenStats
 from .linear_logprobs import LogProbsOutput, linear_cross_entropy, linear_logprobs
+from .logprobs import cross_entropy, logprobs
 from .rl import (
     GAEOutput,
     PPORewards,
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GAEOutput",
     "LogProbsOutput",
+    "LogitOptions",
     "PPORewards",
     "SequenceLogProbs",
     "compute_gae",
@@ -42,6 +44,7 @@ __all__ = [
     "kl_estimate",
     "linear_cross_entropy",
     "linear_logprobs",
+    "logprobs",
     "losses",
     "ppo_loss_from_hidden",
     "ppo_rewards",
@@ -51,6 +54,7 @@ __all__ = [
     "sampling_importance_ratio",
     "sequence_logprobs",
     "split_pair",
+    "TokenStats",
     "truncated_mask",
     "whiten",
 ]

@@ -1,6 +1,6 @@
 """``alignops kernels``: build every Triton kernel ahead of time and report its resources.
 
-GPU build evidence without a GPU (DESIGN "Testing without a GPU"). For every
+GPU build evidence without a GPU. For every
 ``AotSpec`` listed in ``AOT_SPECS`` by the modules of ``alignops.kernels`` (private
 modules, ``_*``, are skipped) and every requested architecture, the command
 
@@ -27,8 +27,8 @@ Triton cache hit)::
 
     kernel                     config           arch    regs     smem  local  spill  stack  tc    sec  status
     -------------------------  ---------------  ------  ----  -------  -----  -----  -----  --  -----  ------
-    _cross_entropy_fwd_kernel  bf16 BV=4096 w8  sm_80     39     0+32      0      0      0  no   0.74  ok
-    _cross_entropy_fwd_kernel  bf16 BV=4096 w8  sm_90a    48  1024+32      0      0      0  no   0.30  ok
+    _logprobs_fwd_kernel       bf16 plain BV=4096 w8  sm_80     39     0+32      0      0      0  no   0.74  ok
+    _logprobs_fwd_kernel       bf16 plain BV=4096 w8  sm_90a    48  1024+32      0      0      0  no   0.30  ok
 
 Signature strings are Triton types (``*bf16``, ``i32``, ``fp32``, ``constexpr``). A
 ``:16`` suffix (Triton's own AOT hint syntax, ``i32:16``) marks an integer the runtime

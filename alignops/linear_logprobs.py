@@ -1,33 +1,33 @@
-"""Fused linear log-probs and cross-entropy: the public API (SPEC §1.1, §3).
+"""Fused linear log-probs and cross-entropy from hidden states: the public API.
 
 ``linear_logprobs(hidden, weight, targets)`` computes, per token,
 ``log_softmax(hidden @ weight.T + bias)[target]`` (and on request the entropy and the
 log-sum-exp) without ever building the ``[N, V]`` logits, forward or backward.
-``linear_cross_entropy`` is ``F.cross_entropy((hidden @ weight.T).float(), targets)`` with
-label smoothing, z-loss, soft-capping, temperature and a global ``num_items`` normaliser,
-composed from the same per-token outputs (not a second engine).
+``linear_cross_entropy`` is ``F.cross_entropy((hidden @ weight.T).float(), targets)`` with label
+smoothing, z-loss, soft-capping, temperature, a logit scale and a global ``num_items``
+normaliser, composed on the same per-token statistics (not a second engine).
 
-CUDA tensors run the Triton kernels of ``alignops.kernels.linear_logprobs``; every other
-device runs the chunked PyTorch engine of ``alignops._cpu``. Setting
-``ALIGNOPS_BACKEND=triton`` forces the Triton path (with ``TRITON_INTERPRET=1`` it runs
-on the CPU: that is how the kernels are tested without a GPU); ``ALIGNOPS_BACKEND=torch``
-forces the PyTorch engine everywhere.
+Layers of the family (the same for every family): Triton kernels and launchers in
+``alignops.kernels.linear_logprobs``, the PyTorch engine in ``alignops._torch.linear_logprobs``,
+custom ops with autograd in ``alignops._ops.linear_logprobs``, the float64 reference in
+``alignops.reference.linear_logprobs``. CUDA tensors run the Triton kernels; every other device
+the PyTorch engine (``ALIGNOPS_BACKEND``, docs/env.md).
 """
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 
-from ._ops import linear_logprobs_fwd_op
-from ._validate import check_common, check_loss_options
-
-Reduction = Literal["none", "sum", "mean"]
+from ._cross_entropy import Reduction, check_ce_options, reduce_tokens, token_cross_entropy
+from ._ops.linear_logprobs import linear_logprobs_fwd_op
+from .kernels._common import LogitOptions, TokenStats, check_linear_inputs, rows_2d
 
 
 class LogProbsOutput(NamedTuple):
-    """Per-token outputs of :func:`linear_logprobs`, each float32 with the targets' shape.
+    """Per-token outputs of :func:`linear_logprobs` and :func:`alignops.logprobs`, each float32
+    (float64 for float64 inputs) with the targets' shape.
 
     logps:   ``log p(target)``; exactly 0 at ignored positions.
     entropy: ``H(p)`` of the full next-token distribution, or ``None`` unless requested.
@@ -39,32 +39,25 @@ class LogProbsOutput(NamedTuple):
     lse: torch.Tensor | None
 
 
-def _flatten(hidden: torch.Tensor, targets: torch.Tensor):
-    h = hidden.reshape(-1, hidden.shape[-1]) if hidden.dim() != 2 else hidden
-    if h.numel() and h.stride(-1) != 1:
-        raise ValueError("hidden must be contiguous in its last dimension (row strides may be anything)")
-    return h, targets.reshape(-1)
-
-
-def _stats(hidden, weight, targets, bias, *, ignore_index, temperature, softcap, need_entropy, need_zmean):
-    check_common(hidden, weight, targets, bias, temperature=temperature, softcap=softcap)
-    h2, t1 = _flatten(hidden, targets)
+def linear_token_stats(
+    hidden, weight, targets, bias, opts: LogitOptions, *, need_entropy: bool = False, need_zmean: bool = False
+) -> TokenStats:
+    """:class:`TokenStats` with ``targets.shape`` (unrequested fields ``None``), differentiable."""
+    check_linear_inputs(hidden, weight, targets, bias)
     logp, lse, ent, zmean = linear_logprobs_fwd_op(
-        h2,
+        rows_2d(hidden),
         weight,
+        targets.reshape(-1).long(),
         bias,
-        t1,
-        int(ignore_index),
-        float(temperature),
-        None if softcap is None else float(softcap),
+        *opts.as_args(),
         bool(need_entropy),
         bool(need_zmean),
     )
     shape = targets.shape
-    return (
+    return TokenStats(
         logp.view(shape),
-        ent.view(shape) if need_entropy else None,
         lse.view(shape),
+        ent.view(shape) if need_entropy else None,
         zmean.view(shape) if need_zmean else None,
     )
 
@@ -78,18 +71,26 @@ def linear_logprobs(
     ignore_index: int = -100,
     temperature: float = 1.0,
     softcap: float | None = None,
+    logit_scale: float = 1.0,
     return_entropy: bool = False,
     return_lse: bool = False,
 ) -> LogProbsOutput:
-    """Per-token log-probabilities of ``targets`` under ``softcap(hidden @ weight.T + bias) / T``.
+    """Per-token log-probabilities of ``targets`` under ``z = softcap(logit_scale * (hidden @
+    weight.T + bias)) / temperature``, without the ``[N, V]`` logits.
 
     Args:
         hidden:  ``[..., H]`` last hidden states (any leading dims; bf16 / fp16 / fp32 / fp64).
-        weight:  ``[V, H]`` LM-head weight, same dtype family and device as ``hidden``.
-        targets: ``[...]`` int64 token ids (the leading dims of ``hidden``), or ``ignore_index``.
+        weight:  ``[V, H]`` LM-head weight on the same device. Its dtype may differ from
+            ``hidden``'s in mixed precision (a 16-bit ``hidden`` with an fp32 master weight, as
+            under ``torch.autocast``): both matmul operands are then rounded to the 16-bit dtype,
+            products accumulate in float32, and each gradient comes back in its input's dtype.
+        targets: ``[...]`` int64 / int32 token ids (the leading dims of ``hidden``), or
+            ``ignore_index``. Out-of-range ids raise ``ValueError`` (CPU) or a device-side
+            assert (CUDA, no host sync).
         bias:    optional ``[V]``.
-        temperature: divides the (soft-capped) logits; must be > 0 (SPEC §1.1 order).
-        softcap: Gemma-2 style ``c * tanh(z / c)`` before the temperature, or ``None``.
+        temperature: divides the (soft-capped) logits; > 0.
+        softcap: Gemma-2 style ``c * tanh(x / c)`` applied to the scaled logits, or ``None``.
+        logit_scale: multiplies the raw logits first (a model's logit multiplier); > 0.
         return_entropy / return_lse: also return those per-token values.
 
     Returns:
@@ -97,36 +98,9 @@ def linear_logprobs(
         ``targets.shape``; exactly 0 at ignored positions. Differentiable with respect to
         ``hidden``, ``weight`` and ``bias`` for any combination of upstream gradients.
     """
-    logp, ent, lse, _ = _stats(
-        hidden,
-        weight,
-        targets,
-        bias,
-        ignore_index=ignore_index,
-        temperature=temperature,
-        softcap=softcap,
-        need_entropy=return_entropy,
-        need_zmean=False,
-    )
-    return LogProbsOutput(logp, ent if return_entropy else None, lse if return_lse else None)
-
-
-def _ce_from_stats(logp, lse, zmean, valid, *, reduction, label_smoothing, z_loss, num_items):
-    """SPEC §3.1: ``(1-eps) * (-logp) + eps * (lse - zbar) + c_z * lse^2``, then §3.2 / §3.3."""
-    ce = (
-        -logp if label_smoothing == 0.0 else -(1.0 - label_smoothing) * logp + label_smoothing * (lse - zmean)
-    )
-    if z_loss != 0.0:
-        ce = ce + z_loss * lse * lse
-    # ignored rows are already exactly 0 in logp / lse / zmean
-    if reduction == "none":
-        return ce
-    total = ce.sum()
-    if num_items is not None:
-        return total / num_items
-    if reduction == "sum":
-        return total
-    return total / valid.sum().clamp(min=1)
+    opts = LogitOptions(ignore_index, logit_scale, softcap, temperature)
+    st = linear_token_stats(hidden, weight, targets, bias, opts, need_entropy=return_entropy)
+    return LogProbsOutput(st.logp, st.entropy, st.lse if return_lse else None)
 
 
 def linear_cross_entropy(
@@ -141,43 +115,24 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     temperature: float = 1.0,
     softcap: float | None = None,
+    logit_scale: float = 1.0,
     num_items: int | float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``targets`` under ``hidden @ weight.T + bias`` without ``[N, V]`` logits.
 
-    Equals ``F.cross_entropy((hidden @ weight.T).float(), targets, ...)`` plus the SPEC §3.1
-    extras: ``label_smoothing`` (PyTorch / HF semantics, uniform part includes the target),
-    ``z_loss`` (PaLM ``c_z * lse^2``), ``softcap`` and ``temperature``.
+    Equals ``F.cross_entropy((hidden @ weight.T).float(), targets, ...)`` plus ``label_smoothing``
+    (PyTorch semantics: the uniform part includes the target), ``z_loss`` (PaLM's
+    ``c_z * lse^2``), ``softcap``, ``temperature`` and ``logit_scale`` (as in
+    :func:`linear_logprobs`; mixed ``hidden`` / ``weight`` dtypes as there).
 
-    Reductions (SPEC §3.2 / §3.3): ``"none"`` returns per-token losses with ``targets.shape``
-    (0 at ignored positions); ``"sum"``; ``"mean"`` divides by the number of non-ignored
-    tokens clamped to >= 1, so an all-ignored or empty batch gives exactly 0 (finite, with
-    zero gradient). ``num_items`` (int, float or 0-d tensor) divides the sum by a global
-    token count instead: gradient accumulation over micro-batches and ranks (no further
-    averaging; without it the caller must divide by the number of micro-batches).
+    Reductions: ``"none"`` returns per-token losses with ``targets.shape`` (0 at ignored
+    positions); ``"sum"``; ``"mean"`` divides by the number of non-ignored tokens clamped to
+    >= 1, so an all-ignored or empty batch gives exactly 0 (finite, with zero gradient).
+    ``num_items`` (int, float or 0-d tensor) divides the sum by a global token count instead:
+    gradient accumulation over micro-batches and ranks (no further averaging).
     """
-    check_loss_options(
-        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, num_items=num_items
-    )
-    logp, _, lse, zmean = _stats(
-        hidden,
-        weight,
-        targets,
-        bias,
-        ignore_index=ignore_index,
-        temperature=temperature,
-        softcap=softcap,
-        need_entropy=False,
-        need_zmean=label_smoothing != 0.0,
-    )
-    valid = targets != ignore_index
-    return _ce_from_stats(
-        logp,
-        lse,
-        zmean,
-        valid,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        num_items=num_items,
-    )
+    check_ce_options(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, num_items=num_items)
+    opts = LogitOptions(ignore_index, logit_scale, softcap, temperature)
+    st = linear_token_stats(hidden, weight, targets, bias, opts, need_zmean=label_smoothing != 0.0)
+    ce = token_cross_entropy(st, label_smoothing=label_smoothing, z_loss=z_loss)
+    return reduce_tokens(ce, targets != ignore_index, reduction, num_items)

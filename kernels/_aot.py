@@ -3,13 +3,31 @@
 Each kernel module exposes ``AOT_SPECS: list[AotSpec]``: one entry per configuration its
 launchers actually use (block sizes, warps, stages, dtype). ``alignops/build_report.py``
 compiles each entry for every requested architecture and reads registers, shared memory
-and spills from the cubin.
+and spills from the cubin. :func:`aot_spec` derives the signature from the kernel's argument
+names (the naming grammar of CONTRIBUTING.md), so a family lists only what varies.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
+
+TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+# Integer arguments that real models make multiples of 16 (hidden size, vocab, row strides,
+# workspace strides), so the JIT specializes them as such at run time. Their AOT type carries
+# Triton's ":16" divisibility hint (the notation of triton/tools/compile.py), as do all
+# pointers (torch allocations are 16-byte aligned): without it the compiler cannot vectorize
+# the tile loads or pipeline them through shared memory, and the report would describe a kernel
+# that never runs. Token counts and chunk offsets are `do_not_specialize`: no hint.
+ALIGNED_INTS = frozenset(
+    {"H", "V", "stride_hn", "stride_wv", "stride_dr", "stride_db"}
+    | {"stride_xb", "stride_xt", "stride_dxb", "stride_dxt"}
+)
+# Float scalars of the logit transform (everything else that is not a pointer is an integer).
+FLOAT_ARGS = frozenset({"scale", "softcap", "inv_temp"})
 
 
 @dataclass(frozen=True)
@@ -29,3 +47,41 @@ class AotSpec:
     num_warps: int = 4
     num_stages: int = 3
     label: str = ""
+
+
+def aot_spec(
+    kernel,
+    constexprs: dict,
+    *,
+    pointer_types: dict[str, str],
+    warps: int,
+    stages: int,
+    label: str,
+) -> AotSpec:
+    """An AotSpec from argument names: pointers (``p_*``) get ``pointer_types[name]`` (default
+    fp32), ``scale, softcap, inv_temp`` are fp32, other arguments i32 (``:16`` for
+    :data:`ALIGNED_INTS`). A ``None`` pointer or soft-cap is a constexpr, as at run time."""
+    from triton.runtime.autotuner import Autotuner, Heuristics
+
+    fn = kernel
+    while isinstance(fn, (Heuristics, Autotuner)):
+        fn = fn.fn  # the JITFunction under @triton.heuristics
+    signature = {}
+    for a in fn.arg_names:
+        if a in constexprs:
+            signature[a] = "constexpr"
+        elif a.startswith("p_"):
+            signature[a] = f"*{pointer_types.get(a, 'fp32')}:16"
+        elif a in FLOAT_ARGS:
+            signature[a] = "fp32"
+        else:
+            signature[a] = "i32:16" if a in ALIGNED_INTS else "i32"
+    return AotSpec(
+        name=fn.__name__,
+        kernel=fn,
+        signature=signature,
+        constexprs=dict(constexprs),
+        num_warps=warps,
+        num_stages=stages,
+        label=label,
+    )

@@ -52,10 +52,6 @@ LLP_NUM_STAGES = 3
 # program's epilogue with the other's loads.
 LLP_PROGRAMS_PER_SM = 2
 
-# Streaming multiprocessors assumed when the device cannot be asked (the interpreter on CPU):
-# an H100 SXM has 132. It only changes the number of vocab splits, not the result beyond
-# floating-point summation order.
-LLP_DEFAULT_SM_COUNT = 132
 
 # Upper bound on vocab splits. The combine kernel loops over splits, so this only bounds the
 # [5, splits, N] fp32 partials workspace and keeps at least V / (128 * 128) blocks per split.
@@ -67,9 +63,36 @@ LLP_COMBINE_BN = 128
 LLP_COMBINE_NUM_WARPS = 4
 LLP_COMBINE_NUM_STAGES = 1  # no tl.dot: nothing for the software pipeliner to overlap
 
-# Backward workspace floor, in elements. The backward writes the logit gradient dz of one
-# chunk of tokens or vocab rows ([tokens, vocab chunk] or [token chunk, V]) in the input dtype,
-# then hands it to two cuBLAS GEMMs. The chunk holds at most max(N * H, this floor) elements:
+# Backward workspace floor, in elements. The backward writes the raw-logit gradient dr of one
+# vocabulary chunk ([N, vocab chunk]) in the matmul dtype, then hands it to two cuBLAS GEMMs.
+# The chunk holds at most max(N * H, this floor) elements:
 # never more than the hidden states themselves once they pass 64 Mi elements (128 MiB in bf16),
 # and large enough below that for GEMMs that fill an H100.
 LLP_WORKSPACE_FLOOR_ELEMS = 1 << 26
+
+# --- every family -------------------------------------------------------------------------------
+
+# Streaming multiprocessors assumed when the device cannot be asked (the interpreter on CPU):
+# an H100 SXM has 132. It only changes the number of vocab splits, not the result beyond
+# floating-point summation order.
+DEFAULT_SM_COUNT = 132
+
+# --- log-probs on given logits (kernels/logprobs.py) --------------------------------------------
+
+# Forward: one row per program (a row of a 128k vocabulary is 256 KiB in bf16: enough work per
+# program), swept in vocab blocks of 4096. 4096 fp32 values over 8 warps = 16 per thread (four
+# 128-bit loads for fp32, two for bf16): enough bytes in flight per row to stay memory-bound
+# while the row loop's block reductions stay cheap. Real vocabularies (32k-256k) take 8-63
+# iterations; small V just masks the tail.
+LP_FWD_BN = 1
+LP_FWD_BV = 4096
+LP_FWD_NUM_WARPS = 8
+# No software pipelining: the loops hold no tl.dot, so Triton would not pipeline their loads
+# through shared memory anyway; several resident rows per SM hide the latency.
+LP_NUM_STAGES = 1
+# Backward: a pure elementwise map over a (rows, vocab blocks) grid with no loop; 2048 elements
+# over 4 warps (16 per thread) keeps the grid's vocab axis at <= 75 blocks for V = 152k and
+# enough independent programs for small N.
+LP_BWD_BN = 1
+LP_BWD_BV = 2048
+LP_BWD_NUM_WARPS = 4

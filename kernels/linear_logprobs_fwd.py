@@ -1,5 +1,5 @@
-"""Forward kernels of the fused linear log-probs (SPEC §1.1); the math, the tiling and the naming
-grammar are in the docstring of ``kernels/linear_logprobs.py``, which holds the launchers.
+"""Forward kernels of the fused linear log-probs; the math, the tiling and the naming grammar
+are in the docstring of ``kernels/linear_logprobs.py``, which holds the launchers.
 
 * `_logits_tile`: one ``[BN, BV]`` tile of transformed logits, ``tl.dot`` over ``H`` in ``BD``
   chunks with an fp32 accumulator (shared with the backward).
@@ -14,9 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Running max before the first logits tile: finite, so `exp(m - m')` and `(m - m') * s` stay
-# 0 instead of becoming NaN (-inf * 0); far below any finite logit a matmul can produce.
-NEG_BIG: tl.constexpr = tl.constexpr(-1.0e38)
+from ._jit import NEG_BIG, dot_operands, finish_stats, merge_partials, online_update, transform
 
 # Planes of the forward partials [5, splits, N] fp32: max, sum-exp, target logit, t, sum z.
 _P_MAX: tl.constexpr = tl.constexpr(0)
@@ -24,20 +22,6 @@ _P_SUMEXP: tl.constexpr = tl.constexpr(1)
 _P_ZY: tl.constexpr = tl.constexpr(2)
 _P_T: tl.constexpr = tl.constexpr(3)
 _P_ZSUM: tl.constexpr = tl.constexpr(4)
-
-
-@triton.jit
-def _tanh(x):
-    """tanh in fp32 from exp (the interpreter has no libdevice): (1 - e) / (1 + e) with
-    e = exp(-2|x|), and the odd Taylor series below |x| = 1/16 where 1 - e would cancel
-    (its first dropped term is 17 |x|^7 / 315, < 4e-9 relative there)."""
-    a = tl.abs(x)
-    e = tl.exp(-2.0 * a)
-    big = (1.0 - e) / (1.0 + e)
-    a2 = a * a
-    small = a * (1.0 - a2 * (0.3333333333333333 - a2 * 0.13333333333333333))
-    t = tl.where(a < 0.0625, small, big)
-    return tl.where(x < 0, -t, t)
 
 
 @triton.jit
@@ -53,10 +37,13 @@ def _logits_tile(
     H,
     stride_hn,
     stride_wv,
-    inv_temp,
+    scale,
     softcap,
+    inv_temp,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    CAST_H: tl.constexpr,
+    CAST_W: tl.constexpr,
     INTERP_BF16: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BN: tl.constexpr,
@@ -64,7 +51,7 @@ def _logits_tile(
     BD: tl.constexpr,
 ):
     """Transformed logits ``z`` [BN, BV] (fp32) of rows ``o_n`` and vocab rows ``o_v``, and
-    ``tanh(r / c)`` [BN, BV] for the soft-cap's derivative (meaningless without a soft-cap).
+    ``tanh(scale * r / c)`` [BN, BV] for the soft-cap's derivative (``r`` without a soft-cap).
     ``d_stop`` is ``H``, or 0 to skip the matmul for a block of ignored rows."""
     b_acc = tl.zeros([BN, BV], dtype=tl.float32)
     for d0 in range(0, d_stop, BD):
@@ -75,18 +62,12 @@ def _logits_tile(
         # W tile loaded transposed, [BD, BV]: no tl.trans needed before the dot
         p_wd = p_w + o_v[None, :] * stride_wv + o_d[:, None]
         b_w = tl.load(p_wd, mask=m_d[:, None] & m_v[None, :], other=0.0)
-        if INTERP_BF16:
-            b_h = b_h.to(tl.float32)
-            b_w = b_w.to(tl.float32)
+        b_h, b_w = dot_operands(b_h, b_w, CAST_H, CAST_W, INTERP_BF16)
         # [BN, BD] @ [BD, BV] -> [BN, BV], fp32 accumulator
         b_acc = tl.dot(b_h, b_w, b_acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
         b_acc += tl.load(p_b + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
-    b_th = b_acc
-    if HAS_SOFTCAP:
-        b_th = _tanh(b_acc * (1.0 / softcap))
-        b_acc = softcap * b_th
-    return b_acc * inv_temp, b_th
+    return transform(b_acc, scale, softcap, inv_temp, HAS_SOFTCAP)
 
 
 @triton.heuristics(
@@ -109,12 +90,15 @@ def _linear_logprobs_fwd_kernel(
     stride_wv,
     blocks_per_split,
     ignore_index,
-    inv_temp,
+    scale,
     softcap,
+    inv_temp,
     NEED_ENT: tl.constexpr,
     NEED_ZMEAN: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    CAST_H: tl.constexpr,
+    CAST_W: tl.constexpr,
     INTERP_BF16: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BN: tl.constexpr,
@@ -158,26 +142,20 @@ def _linear_logprobs_fwd_kernel(
             H,
             stride_hn,
             stride_wv,
-            inv_temp,
+            scale,
             softcap,
+            inv_temp,
             HAS_BIAS,
             HAS_SOFTCAP,
+            CAST_H,
+            CAST_W,
             INTERP_BF16,
             INPUT_PRECISION,
             BN,
             BV,
             BD,
         )
-        b_z = tl.where(m_v[None, :], b_z, float("-inf"))
-        b_mnew = tl.maximum(b_m, tl.max(b_z, axis=1))
-        b_alpha = tl.exp(b_m - b_mnew)
-        b_zc = tl.where(m_v[None, :], b_z - b_mnew[:, None], float("-inf"))
-        b_e = tl.exp(b_zc)  # 0 at masked columns
-        if NEED_ENT:
-            b_et = tl.sum(b_e * tl.where(m_v[None, :], b_zc, 0.0), axis=1)
-            b_t = b_alpha * (b_t + (b_m - b_mnew) * b_s) + b_et
-        b_s = b_alpha * b_s + tl.sum(b_e, axis=1)
-        b_m = b_mnew
+        b_m, b_s, b_t = online_update(b_m, b_s, b_t, b_z, m_v[None, :], NEED_ENT)
         b_zy += tl.sum(tl.where(o_v[None, :] == b_y[:, None], b_z, 0.0), axis=1)
         if NEED_ZMEAN:
             b_zsum += tl.sum(tl.where(m_v[None, :], b_z, 0.0), axis=1)
@@ -235,24 +213,18 @@ def _linear_logprobs_combine_kernel(
         o_p = k * n_64 + o_n
         b_mk = tl.load(p_part + _P_MAX * plane + o_p, mask=m_n, other=NEG_BIG)
         b_sk = tl.load(p_part + _P_SUMEXP * plane + o_p, mask=m_n, other=0.0)
-        b_mnew = tl.maximum(b_m, b_mk)
-        b_a = tl.exp(b_m - b_mnew)
-        b_ak = tl.exp(b_mk - b_mnew)
+        b_tk = b_sk
         if HAS_ENT:
             b_tk = tl.load(p_part + _P_T * plane + o_p, mask=m_n, other=0.0)
-            b_t = b_a * (b_t + (b_m - b_mnew) * b_s) + b_ak * (b_tk + (b_mk - b_mnew) * b_sk)
-        b_s = b_a * b_s + b_ak * b_sk
-        b_m = b_mnew
+        b_m, b_s, b_t = merge_partials(b_m, b_s, b_t, b_mk, b_sk, b_tk, HAS_ENT)
         b_zy += tl.load(p_part + _P_ZY * plane + o_p, mask=m_n, other=0.0)
         if HAS_ZMEAN:
             b_zsum += tl.load(p_part + _P_ZSUM * plane + o_p, mask=m_n, other=0.0)
 
-    b_s = tl.where(m_valid, b_s, 1.0)  # ignored rows may have s = 0: keep log / divide finite
-    b_logs = tl.log(b_s)
-    b_lse = b_m + b_logs
-    tl.store(p_logp + o_n, tl.where(m_valid, b_zy - b_lse, 0.0), mask=m_n)
-    tl.store(p_lse + o_n, tl.where(m_valid, b_lse, 0.0), mask=m_n)
+    b_logp, b_lse, b_ent, b_zmean = finish_stats(b_m, b_s, b_t, b_zy, b_zsum, m_valid, V)
+    tl.store(p_logp + o_n, b_logp, mask=m_n)
+    tl.store(p_lse + o_n, b_lse, mask=m_n)
     if HAS_ENT:
-        tl.store(p_ent + o_n, tl.where(m_valid, b_logs - b_t / b_s, 0.0), mask=m_n)
+        tl.store(p_ent + o_n, b_ent, mask=m_n)
     if HAS_ZMEAN:
-        tl.store(p_zmean + o_n, tl.where(m_valid, b_zsum / V, 0.0), mask=m_n)
+        tl.store(p_zmean + o_n, b_zmean, mask=m_n)

@@ -56,16 +56,15 @@ def _leaves(h, w, b):
 
 @pytest.mark.parametrize("n,h,v", SHAPES)
 @pytest.mark.parametrize(
-    "bias,softcap,temperature",
-    [(False, None, 1.0), (True, None, 0.7), (False, 2.5, 1.0), (True, 3.0, 1.6)],
-    ids=["plain", "bias-T0.7", "softcap2.5", "bias-softcap3-T1.6"],
+    "bias,softcap,temperature,scale",
+    [(False, None, 1.0, 1.0), (True, None, 0.7, 1.0), (False, 2.5, 1.0, 1.0), (True, 3.0, 1.6, 0.45)],
+    ids=["plain", "bias-T0.7", "softcap2.5", "bias-scale0.45-softcap3-T1.6"],
 )
-def test_logprobs_float64_values_and_grads(n, h, v, bias, softcap, temperature, workspace):
+def test_logprobs_float64_values_and_grads(n, h, v, bias, softcap, temperature, scale, workspace):
     hid, w, b, y = _inputs(n, h, v, bias=bias)
-    out = alignops.linear_logprobs(
-        hid, w, y, bias=b, softcap=softcap, temperature=temperature, return_entropy=True, return_lse=True
-    )
-    ref = linear_logprobs_ref(hid, w, y, bias=b, softcap=softcap, temperature=temperature)
+    kw = dict(bias=b, softcap=softcap, temperature=temperature, logit_scale=scale)
+    out = alignops.linear_logprobs(hid, w, y, return_entropy=True, return_lse=True, **kw)
+    ref = linear_logprobs_ref(hid, w, y, **kw)
     for name, o, r in zip(("logps", "entropy", "lse"), out, ref):
         assert o.dtype == torch.float64 and o.shape == y.shape
         assert_close(name, r, o, atol=1e-10, rtol=1e-10)
@@ -138,7 +137,7 @@ def test_cross_entropy_matches_torch_without_extras():
 
 @pytest.mark.parametrize("num_items", [37, 37.5, "tensor"])
 def test_num_items_global_normaliser(num_items):
-    """SPEC §3.3: two micro-batches normalised by the global count == one big batch."""
+    """Two micro-batches normalised by the global count == one big batch."""
     hid, w, _, y = _inputs(60, 10, 50)
     total = int((y != -100).sum())
     ni = torch.tensor(float(total), dtype=torch.float64) if num_items == "tensor" else total
@@ -263,9 +262,10 @@ def test_outputs_are_float32_for_float32_inputs_and_unrequested_are_none():
     [
         (lambda h, w, y: (h, w[:, :-1], y), ValueError, "hidden size mismatch"),
         (lambda h, w, y: (h, w, y[:-1]), ValueError, "targets shape"),
-        (lambda h, w, y: (h, w, y.float()), TypeError, "targets must be int64"),
+        (lambda h, w, y: (h, w, y.float()), TypeError, "targets must be one of int64, int32"),
         (lambda h, w, y: (h.long(), w, y), TypeError, "hidden must be"),
-        (lambda h, w, y: (h.double(), w, y), TypeError, "both be float64"),
+        (lambda h, w, y: (h.double(), w, y), TypeError, "float64 works only with float64"),
+        (lambda h, w, y: (h.half(), w.bfloat16(), y), TypeError, "cannot be mixed"),
         (lambda h, w, y: (h, w, y.clone().fill_(12)), ValueError, r"in \[0, 12\)"),
         (lambda h, w, y: (h, w, y.clone().fill_(-5)), ValueError, r"in \[0, 12\)"),
         (lambda h, w, y: (h, w.unsqueeze(0), y), ValueError, "weight must be"),
@@ -277,6 +277,7 @@ def test_outputs_are_float32_for_float32_inputs_and_unrequested_are_none():
         "float-targets",
         "int-hidden",
         "mixed-float64",
+        "mixed-fp16-bf16",
         "target-too-big",
         "target-negative",
         "3d-weight",
@@ -317,22 +318,57 @@ def test_poisoned_weight_gradient_is_fully_written(monkeypatch):
     assert torch.isfinite(w.grad).all()
 
 
-def test_torch_compile_training_step():
-    """A compiled step that calls alignops must run and match eager values and grads."""
-    hid, w, b, y = _inputs(23, 8, 64, dtype=torch.float32, bias=True)
+@pytest.mark.parametrize(
+    "hdt,wdt",
+    [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.bfloat16)],
+)
+def test_mixed_precision_rounds_to_the_narrower_dtype(hdt, wdt, workspace):
+    """A 16-bit hidden with an fp32 master weight (and the reverse): both operands are rounded
+    to the 16-bit dtype, as torch.autocast rounds a linear layer's weight, then accumulated in
+    float32; each gradient comes back in its input's dtype. Truth: float64 on the rounded
+    operands; the ordinary PyTorch path under autocast semantics is the three-way baseline."""
+    n, h, v = 57, 24, 700
+    hid64, w64, b64, y = _inputs(n, h, v, bias=True, scale=2.0)
+    hid = hid64.detach().to(hdt).requires_grad_()
+    w = w64.detach().to(wdt).requires_grad_()
+    dot = torch.bfloat16 if torch.bfloat16 in (hdt, wdt) else torch.float16
+    kw = dict(softcap=6.0, temperature=0.9, logit_scale=1.3)
+    out = alignops.linear_logprobs(hid, w, y, return_entropy=True, **kw)
+    h_t, w_t = (t.detach().to(dot).double().requires_grad_() for t in (hid, w))
+    truth = linear_logprobs_ref(h_t, w_t, y, **kw)
+    h_b, w_b = (t.detach().clone().requires_grad_() for t in (hid, w))
+    z = 6.0 * torch.tanh(1.3 * (h_b.to(dot) @ w_b.to(dot).T).float() / 6.0) / 0.9
+    lse = torch.logsumexp(z, -1)
+    base_lp = torch.where(y != -100, z.gather(-1, y.clamp(min=0)[:, None])[:, 0] - lse, 0.0)
+    base_ent = torch.where(y != -100, lse - (torch.softmax(z, -1) * z).sum(-1), 0.0)
+    assert_close_lowp("logps", truth[0], out.logps, base_lp)
+    assert_close_lowp("entropy", truth[1], out.entropy, base_ent)
+    g1, g2 = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    gt = torch.autograd.grad((truth[0] * g1 + truth[1] * g2).sum(), (h_t, w_t))
+    gb = torch.autograd.grad((base_lp.double() * g1 + base_ent.double() * g2).sum(), (h_b, w_b))
+    go = torch.autograd.grad((out.logps.double() * g1 + out.entropy.double() * g2).sum(), (hid, w))
+    for name, a, bb, o, src in zip(("dhidden", "dweight"), gt, gb, go, (hid, w)):
+        assert o.dtype == src.dtype, f"{name} dtype {o.dtype} != {src.dtype}"
+        assert_close_lowp(name, a, o.float(), bb.float())
 
-    def step(h_, w_, b_):
-        lp = alignops.linear_logprobs(h_, w_, y, bias=b_, return_entropy=True)
-        return (lp.logps * 0.5).sum() + lp.entropy.mean() + alignops.linear_cross_entropy(h_, w_, y, bias=b_)
 
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    out_c = compiled(hid, w, b)
-    g_c = torch.autograd.grad(out_c, (hid, w, b))
-    out_e = step(hid, w, b)
-    g_e = torch.autograd.grad(out_e, (hid, w, b))
-    assert_close("loss", out_e.detach(), out_c.detach(), atol=1e-6)
-    for a, c in zip(g_e, g_c):
-        assert_close("grad", a, c, atol=1e-6)
+def test_autocast_bf16_activations_with_fp32_master_weight():
+    """The usual mixed-precision step: under torch.autocast the decoder emits bf16 hidden states
+    while the LM head's weight stays fp32; alignops takes both as they are (no error, no copy of
+    the weight) and gives the fp32 weight an fp32 gradient."""
+    n, h, v = 40, 16, 333
+    lin = torch.nn.Linear(h, h)
+    w = torch.nn.Parameter(torch.randn(v, h) / h**0.5)
+    x = torch.randn(n, h)
+    y = torch.randint(0, v, (n,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = lin(x)
+        assert hidden.dtype == torch.bfloat16 and w.dtype == torch.float32
+        loss = alignops.linear_cross_entropy(hidden, w, y)
+    loss.backward()
+    assert w.grad.dtype == torch.float32 and lin.weight.grad.dtype == torch.float32
+    ref = linear_cross_entropy_ref(hidden.detach().double(), w.detach().bfloat16().double(), y)
+    assert_close("loss", ref, loss.detach(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow

@@ -1,8 +1,7 @@
-"""alignops.cross_entropy on given logits (SPEC §3.1-§3.3) against float64 references.
+"""alignops.logprobs / alignops.cross_entropy on given logits against float64 references.
 
-CPU tests run the chunked PyTorch engine. The Triton kernels run under TRITON_INTERPRET=1
-in one subprocess (this file executed as a script with ``--interpret-worker``); the
-parent process checks what it returns against the same references.
+CPU tests run the chunked PyTorch engine; the Triton kernels run under the interpreter in
+``tests/test_logprobs_interpret.py``; the CUDA tests at the end run on a GPU only.
 
 Sizes are deliberately awkward: V = 257 and 1001 (not multiples of any block), 4500 and
 4200 (two forward blocks of 4096 and three backward blocks of 2048, ragged tails),
@@ -12,10 +11,6 @@ Sizes are deliberately awkward: V = 257 and 1001 (not multiples of any block), 4
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-import tempfile
 
 import pytest
 import torch
@@ -23,8 +18,9 @@ from _assert import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from alignops.cross_entropy import CrossEntropyFunction, CrossEntropyParams, cross_entropy
-from alignops.reference import cross_entropy_ref
+import alignops
+from alignops import cross_entropy
+from alignops.reference import cross_entropy_ref, logprobs_ref
 
 IGNORE = -100
 
@@ -34,6 +30,7 @@ OPTIONS = {
     # Logits scaled so |x| / softcap reaches ~2: tanh is well inside its nonlinear range.
     "softcap_temp": {"softcap": 5.0, "temperature": 0.7},
     "all": {"label_smoothing": 0.2, "z_loss": 1e-4, "softcap": 5.0, "temperature": 1.3},
+    "scale": {"logit_scale": 0.35, "label_smoothing": 0.05},
 }
 REDUCTIONS = {
     "none": {"reduction": "none"},
@@ -204,16 +201,33 @@ def test_extreme_logits():
 def test_gradcheck_float64(reduction):
     x, y = _inputs((5, 13), dtype=torch.float64, scale=4.0, seed=13)
     y[1] = IGNORE
-    params = CrossEntropyParams(
-        ignore_index=IGNORE,
-        reduction=reduction,
-        label_smoothing=0.2,
-        z_loss=0.01,
-        softcap=3.0,
-        temperature=0.8,
-    )
+    kw = dict(reduction=reduction, label_smoothing=0.2, z_loss=0.01, softcap=3.0, temperature=0.8)
     x.requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: CrossEntropyFunction.apply(t, y, params), (x,))
+    assert torch.autograd.gradcheck(lambda t: cross_entropy(t, y, **kw), (x,))
+    assert torch.autograd.gradcheck(lambda t: alignops.logprobs(t, y, return_entropy=True).entropy, (x,))
+
+
+@pytest.mark.parametrize(
+    "opt", [{}, {"softcap": 3.0, "temperature": 0.6, "logit_scale": 1.4}], ids=["plain", "all"]
+)
+def test_logprobs_entropy_lse_against_reference(opt):
+    """All three per-token outputs and the gradient of a random combination of them."""
+    x, y = _inputs((3, 11, 257), dtype=torch.float32, scale=5.0, sliced=True, seed=14)
+    x[0, 2, :100] = -math.inf  # a masked vocabulary: entropy and gradient stay finite
+    y[0, 2] = 200
+    xr = x.detach().clone().requires_grad_()
+    out = alignops.logprobs(xr, y, return_entropy=True, return_lse=True, **opt)
+    g = [_grad_out(y.shape, seed=s) for s in (15, 16, 17)]
+    sum((o * gi.float()).sum() for o, gi in zip(out, g)).backward()
+    # the reference sees -1e4 for -inf: identical statistics, no 0 * inf in autograd
+    x64 = x.detach().double().nan_to_num(neginf=-1e4).requires_grad_()
+    ref = logprobs_ref(x64, y, **opt)
+    sum((o * gi).sum() for o, gi in zip(ref, g)).backward()
+    for name, a, b in zip(("logps", "entropy", "lse"), ref, out):
+        assert b.dtype == torch.float32 and b.shape == y.shape
+        assert_close(name, a.detach(), b.detach(), atol=1e-5, rtol=1e-5)
+        assert (b[y == IGNORE] == 0).all()
+    _check_grad("grad", x64.grad, xr.grad, torch.float32)
 
 
 class _NewStorages(TorchDispatchMode):
@@ -323,113 +337,6 @@ def test_validation(mutate, kwargs, exc, match):
     x, y = mutate(x, y)
     with pytest.raises(exc, match=match):
         cross_entropy(x, y, **kwargs)
-
-
-# --------------------------------------------------------------------------------------
-# Triton kernels under TRITON_INTERPRET=1 (subprocess)
-# --------------------------------------------------------------------------------------
-
-# name -> (shape, sliced, dtype, scale, options). Tiny shapes: the interpreter runs every
-# program in Python. V = 4500 / 4200: 2 forward blocks of 4096, 3 backward blocks of 2048.
-INTERP_CASES = {
-    "fp32-3d-sliced-V4500-all-none": (
-        (2, 3, 4500),
-        True,
-        "float32",
-        8.0,
-        {**OPTIONS["all"], "reduction": "none"},
-    ),
-    "fp32-V257-plain-sum": ((13, 257), False, "float32", 3.0, {"reduction": "sum"}),
-    "bf16-V300-softcap-mean": ((11, 300), False, "bfloat16", 8.0, {**OPTIONS["softcap_temp"]}),
-    "fp16-V129-smooth-none-inplace": (
-        (9, 129),
-        False,
-        "float16",
-        3.0,
-        {**OPTIONS["smooth_zloss"], "reduction": "none", "inplace_backward": True},
-    ),
-    "bf16-4d-V2100-all-num_items-inplace": (
-        (2, 2, 2, 2100),
-        False,
-        "bfloat16",
-        8.0,
-        {**OPTIONS["all"], "num_items": 7.0, "inplace_backward": True},
-    ),
-    "fp32-all-ignored-mean": ((5, 100), False, "float32", 3.0, {"reduction": "mean"}),
-}
-
-
-def _interp_inputs(name):
-    shape, sliced, dtype, scale, _ = INTERP_CASES[name]
-    x, y = _inputs(
-        shape, dtype=getattr(torch, dtype), scale=scale, sliced=sliced, seed=list(INTERP_CASES).index(name)
-    )
-    if "all-ignored" in name:
-        y.fill_(IGNORE)
-    return x, y
-
-
-def _interpret_worker(path: str) -> None:
-    """Runs in the subprocess (TRITON_INTERPRET=1, ALIGNOPS_BACKEND=triton)."""
-    torch.manual_seed(0)
-    results = {}
-    for name, (_, _, _, _, kw) in INTERP_CASES.items():
-        x, y = _interp_inputs(name)
-        logits = x.clone().requires_grad_()
-        work = logits * 1.0  # non-leaf: an in-place gradient lands in its storage
-        loss = cross_entropy(work, y, ignore_index=IGNORE, **kw)
-        g = _grad_out(loss.shape, seed=2).to(loss.dtype)
-        (grad,) = torch.autograd.grad(loss, work, g)
-        results[name] = {
-            "x": x,
-            "y": y,
-            "g": g,
-            "loss": loss.detach(),
-            "grad": grad,
-            "aliased": grad.data_ptr() == work.data_ptr(),
-        }
-    torch.save(results, path)
-
-
-@pytest.fixture(scope="module")
-def interpreted():
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "interp.pt")
-        env = {**os.environ, "TRITON_INTERPRET": "1", "ALIGNOPS_BACKEND": "triton", "ALIGNOPS_POISON": "1"}
-        proc = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--interpret-worker", out],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
-        return torch.load(out)
-
-
-@pytest.mark.interpret
-@pytest.mark.parametrize("name", list(INTERP_CASES))
-def test_triton_interpreted(interpreted, name):
-    r = interpreted[name]
-    kw = {k: v for k, v in INTERP_CASES[name][4].items() if k != "inplace_backward"}
-    x, y, g = r["x"], r["y"], r["g"]
-    ref_loss, ref_grad = _ref(x, y, g, **kw)
-    _check_loss("loss", ref_loss, r["loss"], x.dtype)
-    if x.dtype == torch.bfloat16:
-        # The interpreter truncates fp32 -> bf16 stores (compiled Triton rounds to nearest
-        # even): allow one bf16 ulp, relative 2^-7.
-        assert r["grad"].dtype == x.dtype
-        assert_close(
-            "grad", ref_grad, r["grad"], atol=1e-6 * ref_grad.abs().max().item() + 1e-7, rtol=2.0**-7
-        )
-    else:
-        _check_grad("grad", ref_grad, r["grad"], x.dtype)
-    assert (r["grad"][y == IGNORE] == 0).all()
-    assert r["aliased"] == bool(INTERP_CASES[name][4].get("inplace_backward", False))
-
-
-if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--interpret-worker":
-    _interpret_worker(sys.argv[2])
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,170 @@
+"""PyTorch engine of the fused linear log-probs (every device the Triton kernels do not cover).
+
+Same signatures, contract and math as the launchers of ``kernels/linear_logprobs.py`` (whose
+module docstring has the formulas), and the same memory bound: the ``[N, V]`` logits never
+exist. They live only as ``[C, VB]`` tiles (``C`` tokens x ``VB`` vocabulary rows) inside the
+workspace of ``_tiles.workspace_bytes``.
+
+Loop order: vocab blocks outer, token chunks inner. With ``C = N`` (the common case: the
+workspace holds ``N x VB``) every ``dW`` block is written exactly once, straight into the
+returned gradient, so no float32 copy of ``[V, H]`` is ever kept; ``dh`` is accumulated in an
+``[N, H]`` buffer (the gradient itself for float32 / float64 inputs).
+
+Precision: float32 accumulation for bf16 / fp16 / fp32 inputs, float64 for float64 inputs (so
+``torch.autograd.gradcheck`` works). Mixed ``hidden`` / ``weight`` dtypes round both operands to
+the narrower dtype first, as the Triton kernels do. Deterministic: no atomics, a fixed order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels._common import LogitOptions, TokenStats, check_linear_inputs, compute_dtype, empty, env_int
+from ._tiles import OnlineStats, grad_coefs, logit_grad_, transform_, workspace_bytes
+
+#: Smallest vocabulary block worth a separate matmul call; below it we chunk tokens.
+#: (``ALIGNOPS_CPU_MIN_VOCAB_BLOCK`` overrides it; tests use tiny values.)
+MIN_VOCAB_BLOCK = 256
+
+
+def _plan(n: int, v: int, h: int, elem: int, nbuf: int) -> tuple[int, int]:
+    """Token chunk ``C`` and vocab block ``VB`` so that ``nbuf`` tiles fit the workspace."""
+    budget = workspace_bytes((n + v) * h * elem)
+    min_vb = env_int("ALIGNOPS_CPU_MIN_VOCAB_BLOCK", MIN_VOCAB_BLOCK)
+    per_tile = max(budget // nbuf, elem)
+    if n == 0:
+        return 1, max(1, min(v, min_vb))
+    vb = per_tile // (elem * n)
+    if vb >= min(v, min_vb):
+        return n, max(1, min(v, vb))
+    vb = max(1, min(v, min_vb))
+    return max(1, per_tile // (elem * vb)), vb
+
+
+class _Operands:
+    """The matmul operands in the compute dtype, rounded to the matmul dtype first (mixed
+    precision); raw logit tiles ``h[c0:c1] @ W[v0:v1].T + b[v0:v1]``."""
+
+    def __init__(self, hidden, weight, bias, dot, cdt):
+        self.weight, self.bias, self.dot, self.cdt = weight, bias, dot, cdt
+        # [N, H] in the compute dtype: a view for float32 / float64, an O(N) copy otherwise
+        self.h = self._cast(hidden)
+
+    def _cast(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.dot:
+            x = x.to(self.dot)
+        return x if x.dtype == self.cdt else x.to(self.cdt)
+
+    def weight_block(self, v0: int, v1: int) -> torch.Tensor:
+        return self._cast(self.weight[v0:v1])
+
+    def raw(self, c0, c1, v0, v1, wb, out):
+        torch.mm(self.h[c0:c1], wb.T, out=out)
+        if self.bias is not None:
+            out.add_(self.bias[v0:v1].to(self.cdt))
+        return out
+
+
+def linear_logprobs_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    opts: LogitOptions,
+    *,
+    need_entropy: bool = False,
+    need_zmean: bool = False,
+) -> TokenStats:
+    """``TokenStats(logp, lse, entropy | None, zmean | None)`` in the compute dtype (float32, or
+    float64 for float64 inputs), zero at ignored rows."""
+    dot = check_linear_inputs(hidden, weight, targets, bias)
+    n, hdim = hidden.shape
+    v = weight.shape[0]
+    cdt = compute_dtype(hidden, weight, bias)
+    elem = torch.finfo(cdt).bits // 8
+    C, VB = _plan(n, v, hdim, elem, 2 if need_entropy else 1)  # entropy: z - m and e side by side
+    ops = _Operands(hidden, weight, bias, dot, cdt)
+    valid = targets != opts.ignore_index
+    stats = OnlineStats(targets, valid, cdt, need_entropy=need_entropy, need_zmean=need_zmean)
+    buf_z = torch.empty(C * VB, dtype=cdt, device=hidden.device)
+    buf_e = torch.empty(C * VB, dtype=cdt, device=hidden.device) if need_entropy else None
+    for v0 in range(0, v, VB):
+        v1 = min(v, v0 + VB)
+        wb = ops.weight_block(v0, v1)
+        for c0 in range(0, n, C):
+            c1 = min(n, c0 + C)
+            size = (c1 - c0) * (v1 - v0)
+            z, _ = transform_(ops.raw(c0, c1, v0, v1, wb, buf_z[:size].view(c1 - c0, v1 - v0)), opts)
+            e_buf = None if buf_e is None else buf_e[:size].view(c1 - c0, v1 - v0)
+            stats.update(z, c0, c1, v0, v1, e_buf)
+    return stats.finish(v)
+
+
+def linear_logprobs_bwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    grads: TokenStats,
+    opts: LogitOptions,
+    *,
+    need_dhidden: bool,
+    need_dweight: bool,
+    need_dbias: bool,
+):
+    """Gradients ``(dh, dW, db)`` (each ``None`` unless requested), in the input dtypes."""
+    dot = check_linear_inputs(hidden, weight, targets, bias)
+    if grads.entropy is not None and entropy is None:
+        raise ValueError("an entropy gradient needs the forward's entropy")
+    n, hdim = hidden.shape
+    v = weight.shape[0]
+    cdt = compute_dtype(hidden, weight, bias)
+    dev = hidden.device
+    valid = targets != opts.ignore_index
+    co = grad_coefs(valid, lse, entropy, grads, opts, v, cdt)
+    safe_t = torch.where(valid, targets, torch.zeros_like(targets))
+    C, VB = _plan(n, v, hdim, torch.finfo(cdt).bits // 8, 3 if opts.softcap is not None else 2)
+    ops = _Operands(hidden, weight, bias, dot, cdt)
+
+    dh = None
+    if need_dhidden:
+        dh = torch.zeros(n, hdim, dtype=cdt, device=dev) if hidden.dtype != cdt else torch.zeros_like(hidden)
+    dW = empty(weight.shape, dtype=weight.dtype, device=dev) if need_dweight else None
+    if dW is not None and n == 0:
+        dW.zero_()  # no token: the loops below write nothing
+    db = torch.zeros(v, dtype=cdt, device=dev) if need_dbias else None
+    one_chunk = C >= n
+    dw_acc = torch.empty(VB, hdim, dtype=cdt, device=dev) if need_dweight and not one_chunk else None
+    bufs = [torch.empty(C * VB, dtype=cdt, device=dev) for _ in range(3 if opts.softcap is not None else 2)]
+    for v0 in range(0, v, VB):
+        v1 = min(v, v0 + VB)
+        nv = v1 - v0
+        wb = ops.weight_block(v0, v1)
+        if dw_acc is not None:
+            dw_acc[:nv].zero_()
+        for c0 in range(0, n, C):
+            c1 = min(n, c0 + C)
+            tile = [b[: (c1 - c0) * nv].view(c1 - c0, nv) for b in bufs]
+            raw = ops.raw(c0, c1, v0, v1, wb, tile[0])
+            z, th = transform_(raw, opts, out=tile[2] if len(tile) == 3 else None)
+            dz = logit_grad_(z, th, tile[1], co, safe_t, c0, c1, v0, v1)
+            if dh is not None:
+                dh[c0:c1].addmm_(dz, wb)  # [rows, nv] @ [nv, H]
+            if dW is not None:
+                if not one_chunk:
+                    dw_acc[:nv].addmm_(dz.T, ops.h[c0:c1])
+                elif dW.dtype == cdt:
+                    torch.mm(dz.T, ops.h[c0:c1], out=dW[v0:v1])
+                else:
+                    dW[v0:v1].copy_(dz.T @ ops.h[c0:c1])
+            if db is not None:
+                db[v0:v1] += dz.sum(0)
+        if dw_acc is not None:
+            dW[v0:v1].copy_(dw_acc[:nv])
+    if dh is not None and dh.dtype != hidden.dtype:
+        dh = dh.to(hidden.dtype)
+    if db is not None and db.dtype != bias.dtype:
+        db = db.to(bias.dtype)
+    return dh, dW, db

@@ -1,0 +1,121 @@
+"""Log-probs and cross-entropy on logits the caller already holds: the public API.
+
+``logprobs(logits, targets)`` is ``log_softmax(logits)[target]`` per token (and on request the
+entropy and the log-sum-exp), and ``cross_entropy`` is ``F.cross_entropy`` with label smoothing,
+z-loss, soft-cap, temperature, logit scale and ``num_items``, both without a second ``[N, V]``
+tensor: the forward reads the logits once and keeps O(N) statistics; autograd keeps a reference
+to the logits (no copy); the backward allocates only the returned gradient, or nothing at all
+with ``inplace_backward=True`` (the gradient overwrites the logits).
+
+Layers of the family: ``alignops.kernels.logprobs`` (Triton), ``alignops._torch.logprobs``
+(PyTorch engine), ``alignops._ops.logprobs`` (custom ops, autograd),
+``alignops.reference.logprobs`` (float64 reference).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._cross_entropy import Reduction, check_ce_options, reduce_tokens, token_cross_entropy
+from ._ops.logprobs import logprobs_fwd_op
+from .kernels._common import LogitOptions, TokenStats, check_logits_inputs
+from .linear_logprobs import LogProbsOutput
+
+
+def token_stats(
+    logits, targets, opts: LogitOptions, *, need_entropy=False, need_zmean=False, inplace_backward=False
+) -> TokenStats:
+    """:class:`TokenStats` of ``logits [..., V]`` with ``targets.shape``, differentiable."""
+    check_logits_inputs(logits, targets)
+    logp, lse, ent, zmean = logprobs_fwd_op(
+        logits,
+        targets.long(),
+        *opts.as_args(),
+        bool(need_entropy),
+        bool(need_zmean),
+        bool(inplace_backward),
+    )
+    shape = targets.shape
+    return TokenStats(
+        logp.view(shape),
+        lse.view(shape),
+        ent.view(shape) if need_entropy else None,
+        zmean.view(shape) if need_zmean else None,
+    )
+
+
+def logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_entropy: bool = False,
+    return_lse: bool = False,
+    inplace_backward: bool = False,
+) -> LogProbsOutput:
+    """Per-token log-probabilities of ``targets`` under ``softcap(logit_scale * logits) /
+    temperature`` (TRL's ``selective_log_softmax`` and ``entropy_from_logits`` in one pass).
+
+    Args:
+        logits: ``[..., V]`` float16 / bfloat16 / float32 / float64, contiguous last dim; other
+            strides (e.g. ``logits[:, :-1]``) are used without a copy.
+        targets: ``[...]`` (``= logits.shape[:-1]``) int64 / int32 in ``[0, V)`` or
+            ``ignore_index``; out-of-range ids raise (CPU) or assert on the device (CUDA).
+        temperature, softcap, logit_scale: as in :func:`alignops.linear_logprobs`.
+        return_entropy / return_lse: also return those per-token values.
+        inplace_backward: the backward writes the gradient into the logits' storage; only when
+            nothing reads the logits afterwards (an autograd node that saved them raises
+            PyTorch's "modified by an inplace operation" error).
+
+    Returns:
+        ``LogProbsOutput(logps, entropy, lse)``, float32 (float64 for float64 logits) with
+        ``targets.shape``; exactly 0 at ignored positions.
+    """
+    opts = LogitOptions(ignore_index, logit_scale, softcap, temperature)
+    st = token_stats(logits, targets, opts, need_entropy=return_entropy, inplace_backward=inplace_backward)
+    return LogProbsOutput(st.logp, st.entropy, st.lse if return_lse else None)
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    num_items: int | float | torch.Tensor | None = None,
+    inplace_backward: bool = False,
+) -> torch.Tensor:
+    """Cross-entropy on logits ``[..., V]`` without a second ``[N, V]`` tensor.
+
+    Per token: ``ce = (1 - label_smoothing) (lse - z_y) + label_smoothing (lse - mean_v z)
+    + z_loss * lse**2``, ``z = softcap * tanh(logit_scale * logits / softcap) / temperature``,
+    in float32 (float64 for float64 logits). Inputs as in :func:`logprobs`.
+
+    Args:
+        reduction: ``"none"`` -> ``targets.shape`` per-token losses (0 at ignored positions);
+            ``"sum"``; ``"mean"`` -> sum / number of non-ignored tokens, clamped to >= 1, so an
+            all-ignored batch gives 0.
+        label_smoothing: ``eps`` in ``[0, 1]``; the uniform part covers all ``V`` classes.
+        z_loss: ``c_z >= 0`` (PaLM uses 1e-4).
+        num_items: with ``"sum"`` / ``"mean"``, returns ``sum / num_items`` (gradient
+            accumulation over micro-batches); a tensor stays on its device.
+        inplace_backward: as in :func:`logprobs`.
+
+    Returns:
+        float32 (float64 for float64 logits) loss: a scalar, or ``targets.shape``.
+    """
+    check_ce_options(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, num_items=num_items)
+    opts = LogitOptions(ignore_index, logit_scale, softcap, temperature)
+    st = token_stats(
+        logits, targets, opts, need_zmean=label_smoothing != 0.0, inplace_backward=inplace_backward
+    )
+    ce = token_cross_entropy(st, label_smoothing=label_smoothing, z_loss=z_loss)
+    return reduce_tokens(ce, targets != ignore_index, reduction, num_items)

@@ -1,0 +1,80 @@
+"""Host-side helpers of the Triton launchers (every family): the launch seam, interpreter
+switches, per-token vector preparation and the fp32-accumulating GEMM used by backwards.
+
+Imports only torch: the families import Triton themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from . import constants as C
+
+
+def launch(kernel, grid: tuple[int, ...], **kwargs) -> None:
+    """The single launch seam (tests shrink the grid here to prove unwritten outputs are caught).
+    Families call it as ``_launch.launch(...)`` so that a patch of this attribute reaches them."""
+    kernel[grid](**kwargs)
+
+
+def interpreting() -> bool:
+    """``TRITON_INTERPRET=1``: the kernels run on the CPU (tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_device(t: torch.Tensor) -> None:
+    if t.device.type != "cuda" and not interpreting():
+        raise ValueError("the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+
+
+def dot_flags(a: torch.dtype, b: torch.dtype, dot: torch.dtype) -> dict:
+    """Constexprs of a kernel whose ``tl.dot`` takes operands of dtypes ``a`` and ``b`` rounded
+    to ``dot`` (``kernels/_jit.py::dot_operands``): ``CAST_*`` where an operand is wider than
+    ``dot``; ``INTERP_BF16`` for a bf16 dot under the interpreter (triton issue 11584 and the
+    interpreter's truncating bf16 cast; never on for a GPU); and the fp32 dot precision: TF32
+    only where torch's float32 matmul precision allows it (the default "highest" is IEEE)."""
+    tf32 = dot == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+    return {
+        "CAST_H": a != dot,
+        "CAST_W": b != dot,
+        "INTERP_BF16": interpreting() and dot == torch.bfloat16,
+        "INPUT_PRECISION": "tf32" if tf32 else "ieee",
+    }
+
+
+def vec(x: torch.Tensor | None, n: int, name: str) -> torch.Tensor | None:
+    """An O(N) per-token vector as contiguous fp32 (a copy of at most N floats)."""
+    if x is None:
+        return None
+    if x.shape != (n,):
+        raise ValueError(f"{name} must be [{n}], got {tuple(x.shape)}")
+    return x.to(torch.float32).contiguous()
+
+
+@functools.lru_cache(maxsize=16)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a default when it cannot be asked)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return C.DEFAULT_SM_COUNT
+
+
+def mm_accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with an fp32 accumulator ``acc`` and fp32 products.
+
+    16-bit operands: cuBLAS with an fp32 output where torch offers it (``out_dtype``),
+    else the operands are upcast (bounded: one workspace chunk and one weight chunk).
+    """
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda:
+        try:
+            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+            return
+        except (TypeError, RuntimeError):
+            pass
+    acc.addmm_(a.float(), b.float())
