@@ -25,10 +25,10 @@ Sample output (regs per thread; smem bytes static + dynamic; local, spill (store
 loads) and stack in bytes; tc = tensor-core instruction; sec = compile seconds, ``*`` =
 Triton cache hit)::
 
-    kernel                     config           arch    regs     smem  local  spill  stack  tc    sec  status
-    -------------------------  ---------------  ------  ----  -------  -----  -----  -----  --  -----  ------
-    _logprobs_fwd_kernel       bf16 plain BV=4096 w8  sm_80     39     0+32      0      0      0  no   0.74  ok
-    _logprobs_fwd_kernel       bf16 plain BV=4096 w8  sm_90a    48  1024+32      0      0      0  no   0.30  ok
+    kernel                config                arch    regs     smem  local  spill  stack  tc   sec  status
+    --------------------  --------------------  ------  ----  -------  -----  -----  -----  --  ----  ------
+    _logprobs_fwd_kernel  bf16 plain BV=4096 w8  sm_80     31     0+32      0      0      0  no  0.74  ok
+    _logprobs_fwd_kernel  bf16 plain BV=4096 w8  sm_90a    31  1024+32      0      0      0  no  0.30  ok
 
 Signature strings are Triton types (``*bf16``, ``i32``, ``fp32``, ``constexpr``). A
 ``:16`` suffix (Triton's own AOT hint syntax, ``i32:16``) marks an integer the runtime

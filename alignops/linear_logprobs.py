@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 from ._cross_entropy import Reduction, check_ce_options, reduce_tokens, token_cross_entropy
+from ._ops._common import stats_like
 from ._ops.linear_logprobs import linear_logprobs_fwd_op
 from .kernels._common import LogitOptions, TokenStats, check_linear_inputs, rows_2d
 
@@ -44,22 +45,10 @@ def linear_token_stats(
 ) -> TokenStats:
     """:class:`TokenStats` with ``targets.shape`` (unrequested fields ``None``), differentiable."""
     check_linear_inputs(hidden, weight, targets, bias)
-    logp, lse, ent, zmean = linear_logprobs_fwd_op(
-        rows_2d(hidden),
-        weight,
-        targets.reshape(-1).long(),
-        bias,
-        *opts.as_args(),
-        bool(need_entropy),
-        bool(need_zmean),
+    out = linear_logprobs_fwd_op(
+        rows_2d(hidden), weight, targets.reshape(-1).long(), bias, *opts.as_args(), need_entropy, need_zmean
     )
-    shape = targets.shape
-    return TokenStats(
-        logp.view(shape),
-        lse.view(shape),
-        ent.view(shape) if need_entropy else None,
-        zmean.view(shape) if need_zmean else None,
-    )
+    return stats_like(out, targets, need_entropy, need_zmean)
 
 
 def linear_logprobs(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ._cross_entropy import Reduction, check_ce_options, reduce_tokens, token_cross_entropy
+from ._ops._common import stats_like
 from ._ops.logprobs import logprobs_fwd_op
 from .kernels._common import LogitOptions, TokenStats, check_logits_inputs
 from .linear_logprobs import LogProbsOutput
@@ -27,21 +28,8 @@ def token_stats(
 ) -> TokenStats:
     """:class:`TokenStats` of ``logits [..., V]`` with ``targets.shape``, differentiable."""
     check_logits_inputs(logits, targets)
-    logp, lse, ent, zmean = logprobs_fwd_op(
-        logits,
-        targets.long(),
-        *opts.as_args(),
-        bool(need_entropy),
-        bool(need_zmean),
-        bool(inplace_backward),
-    )
-    shape = targets.shape
-    return TokenStats(
-        logp.view(shape),
-        lse.view(shape),
-        ent.view(shape) if need_entropy else None,
-        zmean.view(shape) if need_zmean else None,
-    )
+    out = logprobs_fwd_op(logits, targets.long(), *opts.as_args(), need_entropy, need_zmean, inplace_backward)
+    return stats_like(out, targets, need_entropy, need_zmean)
 
 
 def logprobs(

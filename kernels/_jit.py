@@ -12,6 +12,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+
+def flags_from_none(**flags: str):
+    """``@triton.heuristics`` deriving each ``HAS_*`` constexpr from whether the argument it names
+    is ``None`` (launchers pass ``bias=None``, never booleans)."""
+    return triton.heuristics({flag: (lambda args, a=arg: args[a] is not None) for flag, arg in flags.items()})
+
+
+#: The flags of the four upstream gradients of a backward kernel, from its pointer arguments.
+GRAD_FLAGS = {
+    "HAS_G_LOGP": "p_glogp",
+    "HAS_G_LSE": "p_glse",
+    "HAS_G_ENT": "p_gent",
+    "HAS_G_ZMEAN": "p_gzmean",
+}
+
 # Running max before the first logits tile: finite, so `exp(m - m')` and `(m - m') * s` stay
 # 0 instead of becoming NaN (-inf * 0); far below any finite logit a matmul can produce.
 NEG_BIG: tl.constexpr = tl.constexpr(-1.0e38)
@@ -127,19 +142,22 @@ def merge_partials(b_m, b_s, b_t, b_mk, b_sk, b_tk, NEED_T: tl.constexpr):
 
 
 @triton.jit
-def finish_stats(b_m, b_s, b_t, b_zy, b_zsum, m_valid, V):
-    """``(logp, lse, entropy, zmean)`` of each row from its merged statistics; exact zeros at
-    rows outside ``m_valid`` (ignored or past the end), never NaN: ``lse = m + log s``,
-    ``entropy = log s - t / s`` (no difference of two numbers of size ``|z|``)."""
+def store_stats(stats, m_valid, o_n, m_n, V, p_out, HAS_ENT: tl.constexpr, HAS_ZMEAN: tl.constexpr):
+    """Write ``(logp, lse, entropy, zmean)`` of each row from its merged ``stats = (m, s, t, z_y,
+    sum z)`` to ``p_out = (p_logp, p_lse, p_ent, p_zmean)``: ``lse = m + log s``, ``entropy =
+    log s - t / s`` (no difference of two numbers of size ``|z|``). Exact zeros at rows outside
+    ``m_valid`` (ignored or past the end), never NaN."""
+    b_m, b_s, b_t, b_zy, b_zsum = stats
+    p_logp, p_lse, p_ent, p_zmean = p_out
     b_s = tl.where(m_valid, b_s, 1.0)  # ignored rows may have s = 0: keep log / divide finite
     b_logs = tl.log(b_s)
     b_lse = b_m + b_logs
-    return (
-        tl.where(m_valid, b_zy - b_lse, 0.0),
-        tl.where(m_valid, b_lse, 0.0),
-        tl.where(m_valid, b_logs - b_t / b_s, 0.0),
-        tl.where(m_valid, b_zsum / V, 0.0),
-    )
+    tl.store(p_logp + o_n, tl.where(m_valid, b_zy - b_lse, 0.0), mask=m_n)
+    tl.store(p_lse + o_n, tl.where(m_valid, b_lse, 0.0), mask=m_n)
+    if HAS_ENT:
+        tl.store(p_ent + o_n, tl.where(m_valid, b_logs - b_t / b_s, 0.0), mask=m_n)
+    if HAS_ZMEAN:
+        tl.store(p_zmean + o_n, tl.where(m_valid, b_zsum / V, 0.0), mask=m_n)
 
 
 @triton.jit
@@ -147,36 +165,43 @@ def logit_grad(
     b_z,
     m_tile,
     m_hit,
-    b_lse,
-    b_glogp,
-    b_glse,
-    b_gent,
-    b_ez,
-    b_gzmean,
+    o_n,
+    m_valid,
+    p_stats,
+    p_grads,
     V,
     HAS_G_LOGP: tl.constexpr,
     HAS_G_LSE: tl.constexpr,
     HAS_G_ENT: tl.constexpr,
     HAS_G_ZMEAN: tl.constexpr,
 ):
-    """``dz [BN, BV]`` given per-row upstream gradients of (logp, lse, entropy, zmean)::
+    """``dz [BN, BV]`` from per-row upstream gradients of (logp, lse, entropy, zmean)::
 
-        dz = g_logp (onehot - p) + g_lse p - g_ent p (z - E_p z) + g_zmean / V
+        dz = g_logp (onehot - p) + g_lse p - g_ent p (z - E_p z) + g_zmean / V,  E_p z = lse - ent
 
     ``m_tile`` masks valid (row, column) pairs (0 elsewhere), ``m_hit`` marks each row's target
-    column, ``b_ez = E_p z = lse - entropy``. A gradient whose ``HAS_*`` flag is off is zero."""
+    column; ``p_stats = (p_lse, p_ent)`` point at the forward's statistics, ``p_grads`` at the four
+    upstream gradients ``[N]`` and ``HAS_G_*`` say which are given (a missing one is zero).
+    (Flags stay separate arguments: a tuple of constexprs built in a kernel loses its constexpr
+    status in compiled Triton 3.9, though not under the interpreter.)"""
+    p_lse, p_ent = p_stats
+    p_glogp, p_glse, p_gent, p_gzmean = p_grads
+    b_lse = tl.load(p_lse + o_n, mask=m_valid, other=0.0)
     b_p = tl.exp(tl.where(m_tile, b_z - b_lse[:, None], float("-inf")))  # 0 off the tile
     b_coef = tl.zeros_like(b_lse)
     if HAS_G_LOGP:
+        b_glogp = tl.load(p_glogp + o_n, mask=m_valid, other=0.0)
         b_coef -= b_glogp
     if HAS_G_LSE:
-        b_coef += b_glse
+        b_coef += tl.load(p_glse + o_n, mask=m_valid, other=0.0)
     b_dz = b_p * b_coef[:, None]
     if HAS_G_ENT:
+        b_gent = tl.load(p_gent + o_n, mask=m_valid, other=0.0)
+        b_ez = b_lse - tl.load(p_ent + o_n, mask=m_valid, other=0.0)  # E_p z = lse - ent
         # p = 0 (off the tile, -inf logit): the term is 0, never 0 * -inf
         b_dz -= (b_gent[:, None] * b_p) * (tl.where(b_p > 0.0, b_z, 0.0) - b_ez[:, None])
     if HAS_G_LOGP:
         b_dz += tl.where(m_hit, b_glogp[:, None], 0.0)
     if HAS_G_ZMEAN:
-        b_dz += b_gzmean[:, None] / V
+        b_dz += tl.load(p_gzmean + o_n, mask=m_valid, other=0.0)[:, None] / V
     return tl.where(m_tile, b_dz, 0.0)

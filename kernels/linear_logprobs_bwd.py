@@ -13,21 +13,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._jit import for_store, logit_grad, transform_grad
+from ._jit import GRAD_FLAGS, flags_from_none, for_store, logit_grad, transform_grad
 from .linear_logprobs_fwd import _logits_tile
 
 
-@triton.heuristics(
-    {
-        "HAS_BIAS": lambda args: args["p_b"] is not None,
-        "HAS_SOFTCAP": lambda args: args["softcap"] is not None,
-        "HAS_G_LOGP": lambda args: args["p_glogp"] is not None,
-        "HAS_G_LSE": lambda args: args["p_glse"] is not None,
-        "HAS_G_ENT": lambda args: args["p_gent"] is not None,
-        "HAS_G_ZMEAN": lambda args: args["p_gzmean"] is not None,
-        "HAS_DB": lambda args: args["p_db"] is not None,
-    }
-)
+@flags_from_none(HAS_BIAS="p_b", HAS_SOFTCAP="softcap", HAS_DB="p_db", **GRAD_FLAGS)
 @triton.jit(do_not_specialize=["n_count", "v_lo", "v_count"])
 def _linear_logprobs_bwd_kernel(
     p_h,
@@ -86,62 +76,17 @@ def _linear_logprobs_bwd_kernel(
     m_valid = m_n & (b_y != ignore_index)
     d_stop = tl.where(tl.sum(m_valid.to(tl.int32)) > 0, H, 0)  # all ignored: dr = 0, no matmul
 
+    src = (p_h, p_w, p_b, H, stride_hn, stride_wv, d_stop)
+    tf = (scale, softcap, inv_temp)
+    rows, cols = (o_n, m_n), (o_v, m_c)
     b_z, b_th = _logits_tile(
-        p_h,
-        p_w,
-        p_b,
-        o_n,
-        m_n,
-        o_v,
-        m_c,
-        d_stop,
-        H,
-        stride_hn,
-        stride_wv,
-        scale,
-        softcap,
-        inv_temp,
-        HAS_BIAS,
-        HAS_SOFTCAP,
-        CAST_H,
-        CAST_W,
-        INTERP_BF16,
-        INPUT_PRECISION,
-        BN,
-        BV,
-        BD,
+        src, tf, rows, cols, HAS_BIAS, HAS_SOFTCAP, CAST_H, CAST_W, INTERP_BF16, INPUT_PRECISION, BD
     )
-    b_lse = tl.load(p_lse + o_n, mask=m_valid, other=0.0)
-    b_glogp = b_lse
-    b_glse = b_lse
-    b_gent = b_lse
-    b_ez = b_lse
-    b_gzmean = b_lse
-    if HAS_G_LOGP:
-        b_glogp = tl.load(p_glogp + o_n, mask=m_valid, other=0.0)
-    if HAS_G_LSE:
-        b_glse = tl.load(p_glse + o_n, mask=m_valid, other=0.0)
-    if HAS_G_ENT:
-        b_gent = tl.load(p_gent + o_n, mask=m_valid, other=0.0)
-        b_ez = b_lse - tl.load(p_ent + o_n, mask=m_valid, other=0.0)  # E_p z = lse - ent
-    if HAS_G_ZMEAN:
-        b_gzmean = tl.load(p_gzmean + o_n, mask=m_valid, other=0.0)
     m_tile = m_valid[:, None] & m_c[None, :]
+    m_hit = o_v[None, :] == b_y[:, None]
+    stats, grads = (p_lse, p_ent), (p_glogp, p_glse, p_gent, p_gzmean)
     b_dz = logit_grad(
-        b_z,
-        m_tile,
-        o_v[None, :] == b_y[:, None],
-        b_lse,
-        b_glogp,
-        b_glse,
-        b_gent,
-        b_ez,
-        b_gzmean,
-        V,
-        HAS_G_LOGP,
-        HAS_G_LSE,
-        HAS_G_ENT,
-        HAS_G_ZMEAN,
+        b_z, m_tile, m_hit, o_n, m_valid, stats, grads, V, HAS_G_LOGP, HAS_G_LSE, HAS_G_ENT, HAS_G_ZMEAN
     )
     b_dr = transform_grad(b_dz, b_th, scale, inv_temp, HAS_SOFTCAP)
 

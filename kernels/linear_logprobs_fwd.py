@@ -14,7 +14,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._jit import NEG_BIG, dot_operands, finish_stats, merge_partials, online_update, transform
+from ._jit import (
+    NEG_BIG,
+    dot_operands,
+    flags_from_none,
+    merge_partials,
+    online_update,
+    store_stats,
+    transform,
+)
 
 # Planes of the forward partials [5, splits, N] fp32: max, sum-exp, target logit, t, sum z.
 _P_MAX: tl.constexpr = tl.constexpr(0)
@@ -26,34 +34,29 @@ _P_ZSUM: tl.constexpr = tl.constexpr(4)
 
 @triton.jit
 def _logits_tile(
-    p_h,
-    p_w,
-    p_b,
-    o_n,
-    m_n,
-    o_v,
-    m_v,
-    d_stop,
-    H,
-    stride_hn,
-    stride_wv,
-    scale,
-    softcap,
-    inv_temp,
+    src,
+    tf,
+    rows,
+    cols,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     CAST_H: tl.constexpr,
     CAST_W: tl.constexpr,
     INTERP_BF16: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    BN: tl.constexpr,
-    BV: tl.constexpr,
     BD: tl.constexpr,
 ):
     """Transformed logits ``z`` [BN, BV] (fp32) of rows ``o_n`` and vocab rows ``o_v``, and
     ``tanh(scale * r / c)`` [BN, BV] for the soft-cap's derivative (``r`` without a soft-cap).
-    ``d_stop`` is ``H``, or 0 to skip the matmul for a block of ignored rows."""
-    b_acc = tl.zeros([BN, BV], dtype=tl.float32)
+
+    ``src = (p_h, p_w, p_b, H, stride_hn, stride_wv, d_stop)``, ``tf = (scale, softcap, inv_temp)``,
+    ``rows = (o_n, m_n)``, ``cols = (o_v, m_v)``, as the kernels name them. ``d_stop`` is ``H``, or
+    0 to skip the matmul for a block of ignored rows."""
+    p_h, p_w, p_b, H, stride_hn, stride_wv, d_stop = src
+    scale, softcap, inv_temp = tf
+    o_n, m_n = rows
+    o_v, m_v = cols
+    b_acc = tl.zeros([o_n.shape[0], o_v.shape[0]], dtype=tl.float32)
     for d0 in range(0, d_stop, BD):
         o_d = d0 + tl.arange(0, BD)
         m_d = o_d < H
@@ -70,12 +73,7 @@ def _logits_tile(
     return transform(b_acc, scale, softcap, inv_temp, HAS_SOFTCAP)
 
 
-@triton.heuristics(
-    {
-        "HAS_BIAS": lambda args: args["p_b"] is not None,
-        "HAS_SOFTCAP": lambda args: args["softcap"] is not None,
-    }
-)
+@flags_from_none(HAS_BIAS="p_b", HAS_SOFTCAP="softcap")
 @triton.jit(do_not_specialize=["N", "blocks_per_split"])
 def _linear_logprobs_fwd_kernel(
     p_h,
@@ -126,34 +124,16 @@ def _linear_logprobs_fwd_kernel(
     b_t = tl.zeros([BN], dtype=tl.float32)
     b_zy = tl.zeros([BN], dtype=tl.float32)
     b_zsum = tl.zeros([BN], dtype=tl.float32)
+    src = (p_h, p_w, p_b, H, stride_hn, stride_wv, d_stop)
+    tf = (scale, softcap, inv_temp)
+    rows = (o_n, m_n)
     for v0 in range(v_lo, v_stop, BV):
         # int64 again: the interpreter's loop variable is a plain int (o_v * stride_wv > 2**31)
         o_v = (v0 + tl.arange(0, BV)).to(tl.int64)
         m_v = o_v < v_hi
+        cols = (o_v, m_v)
         b_z, _ = _logits_tile(
-            p_h,
-            p_w,
-            p_b,
-            o_n,
-            m_n,
-            o_v,
-            m_v,
-            d_stop,
-            H,
-            stride_hn,
-            stride_wv,
-            scale,
-            softcap,
-            inv_temp,
-            HAS_BIAS,
-            HAS_SOFTCAP,
-            CAST_H,
-            CAST_W,
-            INTERP_BF16,
-            INPUT_PRECISION,
-            BN,
-            BV,
-            BD,
+            src, tf, rows, cols, HAS_BIAS, HAS_SOFTCAP, CAST_H, CAST_W, INTERP_BF16, INPUT_PRECISION, BD
         )
         b_m, b_s, b_t = online_update(b_m, b_s, b_t, b_z, m_v[None, :], NEED_ENT)
         b_zy += tl.sum(tl.where(o_v[None, :] == b_y[:, None], b_z, 0.0), axis=1)
@@ -171,12 +151,7 @@ def _linear_logprobs_fwd_kernel(
         tl.store(p_part + _P_ZSUM * plane + o_p, b_zsum, mask=m_n)
 
 
-@triton.heuristics(
-    {
-        "HAS_ENT": lambda args: args["p_ent"] is not None,
-        "HAS_ZMEAN": lambda args: args["p_zmean"] is not None,
-    }
-)
+@flags_from_none(HAS_ENT="p_ent", HAS_ZMEAN="p_zmean")
 @triton.jit(do_not_specialize=["N", "n_splits"])
 def _linear_logprobs_combine_kernel(
     p_part,
@@ -221,10 +196,5 @@ def _linear_logprobs_combine_kernel(
         if HAS_ZMEAN:
             b_zsum += tl.load(p_part + _P_ZSUM * plane + o_p, mask=m_n, other=0.0)
 
-    b_logp, b_lse, b_ent, b_zmean = finish_stats(b_m, b_s, b_t, b_zy, b_zsum, m_valid, V)
-    tl.store(p_logp + o_n, b_logp, mask=m_n)
-    tl.store(p_lse + o_n, b_lse, mask=m_n)
-    if HAS_ENT:
-        tl.store(p_ent + o_n, b_ent, mask=m_n)
-    if HAS_ZMEAN:
-        tl.store(p_zmean + o_n, b_zmean, mask=m_n)
+    stats, p_out = (b_m, b_s, b_t, b_zy, b_zsum), (p_logp, p_lse, p_ent, p_zmean)
+    store_stats(stats, m_valid, o_n, m_n, V, p_out, HAS_ENT, HAS_ZMEAN)

@@ -48,7 +48,17 @@ from . import _launch
 from . import constants as C
 from ._aot import TRITON_TYPE, AotSpec, aot_spec
 from ._common import LogitOptions, TokenStats, check_logits_inputs, empty, rows_3d, rows_3d_like
-from ._jit import NEG_BIG, finish_stats, for_store, logit_grad, online_update, transform, transform_grad
+from ._jit import (
+    GRAD_FLAGS,
+    NEG_BIG,
+    flags_from_none,
+    for_store,
+    logit_grad,
+    online_update,
+    store_stats,
+    transform,
+    transform_grad,
+)
 
 __all__ = ["AOT_SPECS", "logprobs_bwd", "logprobs_fwd"]
 
@@ -59,7 +69,7 @@ def _row_pointers(p_x, o_n, T_inner, stride_xb, stride_xt):
     return p_x + (o_n // T_inner) * stride_xb + (o_n % T_inner) * stride_xt
 
 
-@triton.heuristics({"HAS_SOFTCAP": lambda args: args["softcap"] is not None})
+@flags_from_none(HAS_SOFTCAP="softcap")
 @triton.jit(do_not_specialize=["N", "T_inner"])
 def _logprobs_fwd_kernel(
     p_x,
@@ -109,24 +119,11 @@ def _logprobs_fwd_kernel(
     b_xy = tl.load(p_row + tl.where(m_valid, b_y, 0), mask=m_valid, other=0.0).to(tl.float32)
     b_zy, _ = transform(b_xy, scale, softcap, inv_temp, HAS_SOFTCAP)
 
-    b_logp, b_lse, b_ent, b_zmean = finish_stats(b_m, b_s, b_t, b_zy, b_zsum, m_valid, V)
-    tl.store(p_logp + o_n, b_logp, mask=m_n)
-    tl.store(p_lse + o_n, b_lse, mask=m_n)
-    if NEED_ENT:
-        tl.store(p_ent + o_n, b_ent, mask=m_n)
-    if NEED_ZMEAN:
-        tl.store(p_zmean + o_n, b_zmean, mask=m_n)
+    stats, p_out = (b_m, b_s, b_t, b_zy, b_zsum), (p_logp, p_lse, p_ent, p_zmean)
+    store_stats(stats, m_valid, o_n, m_n, V, p_out, NEED_ENT, NEED_ZMEAN)
 
 
-@triton.heuristics(
-    {
-        "HAS_SOFTCAP": lambda args: args["softcap"] is not None,
-        "HAS_G_LOGP": lambda args: args["p_glogp"] is not None,
-        "HAS_G_LSE": lambda args: args["p_glse"] is not None,
-        "HAS_G_ENT": lambda args: args["p_gent"] is not None,
-        "HAS_G_ZMEAN": lambda args: args["p_gzmean"] is not None,
-    }
-)
+@flags_from_none(HAS_SOFTCAP="softcap", **GRAD_FLAGS)
 @triton.jit(do_not_specialize=["N", "T_inner"])
 def _logprobs_bwd_kernel(
     p_x,
@@ -173,36 +170,10 @@ def _logprobs_bwd_kernel(
     b_x = tl.load(p_row[:, None] + o_v[None, :], mask=m_tile, other=0.0).to(tl.float32)
     b_z, b_th = transform(b_x, scale, softcap, inv_temp, HAS_SOFTCAP)
 
-    b_lse = tl.load(p_lse + o_n, mask=m_valid, other=0.0)
-    b_glogp = b_lse
-    b_glse = b_lse
-    b_gent = b_lse
-    b_ez = b_lse
-    b_gzmean = b_lse
-    if HAS_G_LOGP:
-        b_glogp = tl.load(p_glogp + o_n, mask=m_valid, other=0.0)
-    if HAS_G_LSE:
-        b_glse = tl.load(p_glse + o_n, mask=m_valid, other=0.0)
-    if HAS_G_ENT:
-        b_gent = tl.load(p_gent + o_n, mask=m_valid, other=0.0)
-        b_ez = b_lse - tl.load(p_ent + o_n, mask=m_valid, other=0.0)  # E_p z = lse - ent
-    if HAS_G_ZMEAN:
-        b_gzmean = tl.load(p_gzmean + o_n, mask=m_valid, other=0.0)
+    m_hit = o_v[None, :] == b_y[:, None]
+    stats, grads = (p_lse, p_ent), (p_glogp, p_glse, p_gent, p_gzmean)
     b_dz = logit_grad(
-        b_z,
-        m_tile,
-        o_v[None, :] == b_y[:, None],
-        b_lse,
-        b_glogp,
-        b_glse,
-        b_gent,
-        b_ez,
-        b_gzmean,
-        V,
-        HAS_G_LOGP,
-        HAS_G_LSE,
-        HAS_G_ENT,
-        HAS_G_ZMEAN,
+        b_z, m_tile, m_hit, o_n, m_valid, stats, grads, V, HAS_G_LOGP, HAS_G_LSE, HAS_G_ENT, HAS_G_ZMEAN
     )
     b_dx = transform_grad(b_dz, b_th, scale, inv_temp, HAS_SOFTCAP)
     p_drow = _row_pointers(p_dx, o_n, T_inner, stride_dxb, stride_dxt)

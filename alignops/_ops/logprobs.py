@@ -1,6 +1,6 @@
-"""Log-probs on given logits as custom ops: ``alignops::logprobs_fwd`` (with autograd),
-``alignops::logprobs_bwd`` (returns a new gradient tensor) and ``alignops::logprobs_bwd_``
-(writes the gradient into the logits' own storage: the in-place backward)."""
+"""Log-probs on given logits as custom ops: ``alignops::logprobs_fwd`` (with autograd) and
+``alignops::logprobs_bwd``, which writes the gradient into ``out``: a new tensor, or the logits'
+own storage for the in-place backward (no ``[N, V]`` allocation)."""
 
 from __future__ import annotations
 
@@ -8,112 +8,64 @@ import torch
 
 from .._dispatch import engine
 from ..kernels._common import check_targets_in_range
-from ._common import fake_stats, options, pack_stats, unpack, unpack_grads
+from . import _common as c
 
 
-@torch.library.custom_op("alignops::logprobs_fwd", mutates_args=())
-def logprobs_fwd_op(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int,
-    logit_scale: float,
-    softcap: float | None,
-    temperature: float,
-    need_entropy: bool,
-    need_zmean: bool,
-    inplace_backward: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fwd(logits, targets, *args):
     """``(logp, lse, entropy, zmean)`` ``[N]`` per row of ``logits [..., V]`` (N = targets.numel());
-    0-element when not asked. ``inplace_backward`` only selects the backward op."""
-    opts = options((ignore_index, logit_scale, softcap, temperature))
-    check_targets_in_range(targets, logits.shape[-1], ignore_index)
+    0-element when not asked. ``inplace_backward`` only selects what the backward writes to."""
+    *opts, need_entropy, need_zmean, _ = args
+    check_targets_in_range(targets, logits.shape[-1], opts[0])
     stats = engine("logprobs", logits).logprobs_fwd(
-        logits, targets, opts, need_entropy=need_entropy, need_zmean=need_zmean
+        logits, targets, c.options(opts), need_entropy=need_entropy, need_zmean=need_zmean
     )
-    return pack_stats(stats, stats.logp)
+    return c.pack_stats(stats)
+
+
+def _bwd(logits, targets, lse, entropy, *args):
+    """``d(sum_k g_k . stat_k) / d logits`` written into ``out`` (the last argument)."""
+    n = targets.numel()
+    grads, opts, out = args[:4], args[4:8], args[8]
+    engine("logprobs", logits).logprobs_bwd(
+        logits, targets, lse, c.unpack(entropy, n), c.unpack_grads(n, grads), c.options(opts), out=out
+    )
+
+
+logprobs_fwd_op = c.custom_op(
+    "logprobs_fwd",
+    _fwd,
+    f"Tensor logits, Tensor targets, {c.OPTIONS}, bool need_entropy, bool need_zmean, bool inplace_backward",
+    c.STATS,
+)
+logprobs_bwd_op = c.custom_op(
+    "logprobs_bwd",
+    _bwd,
+    f"Tensor logits, Tensor targets, Tensor lse, Tensor entropy, {c.GRADS}, {c.OPTIONS}, Tensor(a!) out",
+    "()",
+    mutates=("out",),
+)
 
 
 @logprobs_fwd_op.register_fake
-def _(logits, targets, *opts_and_flags):
-    *_, need_entropy, need_zmean, _ = opts_and_flags
-    return fake_stats(logits, targets.numel(), need_entropy, need_zmean)
-
-
-def _run_bwd(logits, targets, lse, entropy, grads, opts, out):
-    n = targets.numel()
-    return engine("logprobs", logits).logprobs_bwd(
-        logits, targets, lse, unpack(entropy, n), unpack_grads(n, *grads), options(opts), out=out
-    )
-
-
-@torch.library.custom_op("alignops::logprobs_bwd", mutates_args=())
-def logprobs_bwd_op(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor,
-    g_logp: torch.Tensor | None,
-    g_lse: torch.Tensor | None,
-    g_entropy: torch.Tensor | None,
-    g_zmean: torch.Tensor | None,
-    ignore_index: int,
-    logit_scale: float,
-    softcap: float | None,
-    temperature: float,
-) -> torch.Tensor:
-    """``d(sum_k g_k . stat_k) / d logits``, a new tensor of the logits' shape and dtype."""
-    grads = (g_logp, g_lse, g_entropy, g_zmean)
-    return _run_bwd(
-        logits, targets, lse, entropy, grads, (ignore_index, logit_scale, softcap, temperature), None
-    )
-
-
-@logprobs_bwd_op.register_fake
-def _(logits, *rest):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("alignops::logprobs_bwd_", mutates_args=("logits",))
-def logprobs_bwd_inplace_op(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor,
-    g_logp: torch.Tensor | None,
-    g_lse: torch.Tensor | None,
-    g_entropy: torch.Tensor | None,
-    g_zmean: torch.Tensor | None,
-    ignore_index: int,
-    logit_scale: float,
-    softcap: float | None,
-    temperature: float,
-) -> None:
-    """As :func:`logprobs_bwd_op`, written into ``logits`` (no ``[N, V]`` allocation)."""
-    grads = (g_logp, g_lse, g_entropy, g_zmean)
-    _run_bwd(logits, targets, lse, entropy, grads, (ignore_index, logit_scale, softcap, temperature), logits)
+def _(logits, targets, *args):
+    return c.fake_stats(logits, targets.numel(), *args[-3:-1])
 
 
 def _setup_context(ctx, inputs, output):
-    logits, targets, *opts_and_flags = inputs
-    _, lse, entropy, _ = output
-    ctx.opts = tuple(opts_and_flags[:4])
-    ctx.inplace = opts_and_flags[-1]
-    ctx.n_options = len(opts_and_flags)
-    ctx.save_for_backward(logits, targets, lse, entropy)
+    logits, targets, *args = inputs
+    ctx.opts, ctx.inplace, ctx.n_options = tuple(args[:4]), args[-1], len(args)
+    ctx.save_for_backward(logits, targets, output[1], output[2])
 
 
-def _backward(ctx, g_logp, g_lse, g_entropy, g_zmean):
+def _backward(ctx, *grads):
     logits, targets, lse, entropy = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0]:
-        args = (logits, targets, lse, entropy, g_logp, g_lse, g_entropy, g_zmean, *ctx.opts)
-        if ctx.inplace:
-            # the logits now hold their gradient; any other node that saved them fails loudly
-            logprobs_bwd_inplace_op(*args)
-            grad = logits
-        else:
-            grad = logprobs_bwd_op(*args)
-    return (grad, None) + (None,) * ctx.n_options
+        # in place: the logits hold their gradient afterwards, and an autograd node that saved
+        # them fails loudly ("modified by an inplace operation") instead of reading it
+        grad = logits if ctx.inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+        logprobs_bwd_op(logits, targets, lse, entropy, *grads, *ctx.opts, grad)
+    return (grad, None) + c.no_grads(ctx)
 
 
 logprobs_fwd_op.register_autograd(_backward, setup_context=_setup_context)

@@ -18,39 +18,18 @@ def raw_logits_ref(
     return r if bias is None else r + bias.to(dt)
 
 
-def logits_ref(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-) -> torch.Tensor:
-    """Full transformed logits ``[..., V]`` in float32 (float64 if any input is float64)."""
-    r = raw_logits_ref(hidden, weight, bias)
-    return transform_ref(r, logit_scale=logit_scale, softcap=softcap, temperature=temperature)
+def logits_ref(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, **transform):
+    """Full transformed logits ``[..., V]`` in float32 (float64 if any input is float64);
+    ``transform``: ``logit_scale``, ``softcap``, ``temperature``."""
+    return transform_ref(raw_logits_ref(hidden, weight, bias), **transform)
 
 
-def linear_logprobs_ref(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def linear_logprobs_ref(hidden, weight, targets, *, bias=None, ignore_index: int = -100, **transform):
     """``(logps, entropy, lse)`` per token, shape ``targets.shape``; zeros where ignored."""
-    z = logits_ref(hidden, weight, bias, temperature=temperature, softcap=softcap, logit_scale=logit_scale)
-    logp, ent, lse, _, _ = stats_ref(z, targets, ignore_index)
+    logp, ent, lse, _, _ = stats_ref(logits_ref(hidden, weight, bias, **transform), targets, ignore_index)
     return logp, ent, lse
 
 
-def linear_cross_entropy_ref(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, bias=None, **options
-) -> torch.Tensor:
+def linear_cross_entropy_ref(hidden, weight, targets, *, bias=None, **options) -> torch.Tensor:
     """``cross_entropy_ref(hidden @ weight.T + bias, targets, **options)``."""
     return cross_entropy_ref(raw_logits_ref(hidden, weight, bias), targets, **options)

@@ -55,19 +55,10 @@ def _dtype(*tensors) -> torch.dtype:
     )
 
 
-def logprobs_ref(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    ignore_index: int = -100,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(logps, entropy, lse)`` per token, shape ``targets.shape``; zeros where ignored."""
-    z = transform_ref(
-        logits.to(_dtype(logits)), logit_scale=logit_scale, softcap=softcap, temperature=temperature
-    )
+def logprobs_ref(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100, **transform):
+    """``(logps, entropy, lse)`` per token, shape ``targets.shape``; zeros where ignored.
+    ``transform``: ``logit_scale``, ``softcap``, ``temperature`` (as :func:`transform_ref`)."""
+    z = transform_ref(logits.to(_dtype(logits)), **transform)
     logp, ent, lse, _, _ = stats_ref(z, targets, ignore_index)
     return logp, ent, lse
 
@@ -80,17 +71,13 @@ def cross_entropy_ref(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-    num_items: int | float | torch.Tensor | None = None,
+    num_items=None,
+    **transform,
 ) -> torch.Tensor:
     """Cross-entropy on given logits ``[..., V]``. ``reduction="mean"`` divides by the number of
     non-ignored tokens (clamped to >= 1, so an all-ignored batch gives 0); ``num_items``
-    overrides the divisor."""
-    z = transform_ref(
-        logits.to(_dtype(logits)), logit_scale=logit_scale, softcap=softcap, temperature=temperature
-    )
+    overrides the divisor. ``transform`` as in :func:`logprobs_ref`."""
+    z = transform_ref(logits.to(_dtype(logits)), **transform)
     logp, _, lse, zmean, valid = stats_ref(
         z, targets, ignore_index, entropy=False, zmean=label_smoothing != 0.0
     )

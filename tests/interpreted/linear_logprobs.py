@@ -31,6 +31,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 from alignops.kernels import _launch  # noqa: E402
 from alignops.kernels import linear_logprobs as K  # noqa: E402
 from alignops.kernels._common import LogitOptions, TokenStats, matmul_dtype, poison_enabled  # noqa: E402
+
 from alignops.reference import logits_ref  # noqa: E402
 from tests._assert import assert_close, assert_close_lowp  # noqa: E402
 

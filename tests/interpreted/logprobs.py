@@ -20,10 +20,11 @@ import torch
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 before import (see module docstring)", allow_module_level=True)
 
-import alignops  # noqa: E402
 from alignops.kernels import _launch  # noqa: E402
 from alignops.kernels import logprobs as K  # noqa: E402
 from alignops.kernels._common import LogitOptions, TokenStats  # noqa: E402
+
+import alignops  # noqa: E402
 from alignops.reference import cross_entropy_ref, logprobs_ref  # noqa: E402
 from tests._assert import assert_close  # noqa: E402
 
