@@ -11,15 +11,14 @@ reference log-probs plug in unchanged.
 
 from . import losses  # noqa: F401  (the catalog: alignops.losses.dpo_loss, ...)
 from .cross_entropy import cross_entropy
+from .fused import grpo_loss_from_hidden, ppo_loss_from_hidden
 from .linear_logprobs import LogProbsOutput, linear_cross_entropy, linear_logprobs
 from .rl import (
     GAEOutput,
     PPORewards,
     compute_gae,
     group_advantages,
-    grpo_loss_from_hidden,
     kl_estimate,
-    ppo_loss_from_hidden,
     ppo_rewards,
     rloo_advantages,
     sampling_importance_ratio,
