@@ -10,6 +10,7 @@ helpers ``alignops.rl`` work on those, so cached reference log-probs plug in unc
 """
 
 from . import losses  # noqa: F401  (the catalog: alignops.losses.dpo_loss, ...)
+from .fused import grpo_loss_from_hidden, ppo_loss_from_hidden
 from .kernels._common import LogitOptions, TokenStats
 from .linear_logprobs import LogProbsOutput, linear_cross_entropy, linear_logprobs
 from .logprobs import cross_entropy, logprobs
@@ -18,9 +19,7 @@ from .rl import (
     PPORewards,
     compute_gae,
     group_advantages,
-    grpo_loss_from_hidden,
     kl_estimate,
-    ppo_loss_from_hidden,
     ppo_rewards,
     rloo_advantages,
     sampling_importance_ratio,

@@ -1,8 +1,9 @@
-"""Sequence reductions: per-token log-probs -> per-sequence log-probs (SPEC §1.2, §6.10, §6.13, §17.2).
+"""Sequence reductions: per-token log-probs -> per-sequence log-probs (docs/losses.md, "Shared
+notation").
 
 Everything here is a short, differentiable PyTorch function on per-token log-probs ``ℓ [B, T]``
 and a loss mask ``m [B, T]`` (1 = completion token that counts, 0 = prompt / padding /
-ignored). With ``n = Σ_t m_t`` (SPEC §1.2):
+ignored). With ``n = Σ_t m_t``:
 
     S(y) = Σ_t m_t ℓ_t              summed log-prob (DPO family default)      -> ``sums``
     n(y) = Σ_t m_t                  completion length                         -> ``counts`` (int64)
@@ -21,11 +22,13 @@ Layouts:
   halves in one forward) -> :func:`split_pair`;
 * ``K`` completions per prompt ``[B * K]`` -> ``[B, K]`` (:func:`group_by_prompt`).
 
-Preference helpers: the LD-DPO shared-prefix / tail split (:func:`ld_dpo_logps`, SPEC §6.10)
-and the WPO per-sequence log-weight (:func:`wpo_log_weights`, SPEC §6.13).
+Preference helpers: the LD-DPO shared-prefix / tail split (:func:`ld_dpo_logps`, Liu et al. 2024,
+arXiv:2409.06411) and the WPO per-sequence log-weight (:func:`wpo_log_weights`, Zhou et al. 2024,
+arXiv:2406.11827).
 
 :func:`sequence_logprobs` is the one call from hidden states to per-sequence log-probs: it runs
-:func:`alignops.linear_logprobs` (never materialising ``[tokens, vocab]`` logits) and reduces.
+:func:`alignops.linear_logprobs` (never materialising ``[tokens, vocab]`` logits) and reduces;
+:func:`token_logprobs` is its per-token step on already aligned ids (the fused policy losses use it).
 It takes HF-style **unshifted** labels by default (``shift=True``): ``labels[:, t]`` is the token
 at position ``t`` (``input_ids`` with ``-100`` on prompt and padding, exactly what HF causal LMs
 and TRL's ``labels`` are), and the hidden state at position ``t`` scores ``labels[:, t + 1]``.
@@ -37,6 +40,10 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from ._checks import check_same_shape
+from .kernels._common import compute_dtype
+from .linear_logprobs import linear_logprobs
+
 __all__ = [
     "SequenceLogProbs",
     "cu_seqlens_from_position_ids",
@@ -46,12 +53,13 @@ __all__ = [
     "reduce_padded",
     "sequence_logprobs",
     "split_pair",
+    "token_logprobs",
     "wpo_log_weights",
 ]
 
 
 class SequenceLogProbs(NamedTuple):
-    """Per-sequence log-probs (SPEC §1.2).
+    """Per-sequence log-probs.
 
     sums:      ``S [B]`` (or ``[S]`` segments when packed), float32 (float64 for float64 input).
     counts:    ``n [B]`` completion tokens that count, int64.
@@ -64,10 +72,6 @@ class SequenceLogProbs(NamedTuple):
     counts: torch.Tensor
     means: torch.Tensor
     per_token: torch.Tensor | None
-
-
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _check_logps_and_mask(per_token_logps: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -91,20 +95,21 @@ def _finish(sums: torch.Tensor, counts: torch.Tensor, per_token: torch.Tensor | 
 
 
 def reduce_padded(per_token_logps: torch.Tensor, loss_mask: torch.Tensor) -> SequenceLogProbs:
-    """Masked sums, counts and means over the last (time) axis, SPEC §1.2.
+    """Masked sums, counts and means over the last (time) axis.
 
     per_token_logps: ``[..., T]`` (any float dtype; accumulated in float32, float64 stays float64).
     loss_mask:       ``[..., T]`` bool or 0/1 (nonzero = counts).
     Returns :class:`SequenceLogProbs` with ``[...]`` fields and ``per_token=None``.
     """
     mask = _check_logps_and_mask(per_token_logps, loss_mask)
-    x = per_token_logps.to(_acc_dtype(per_token_logps))
+    x = per_token_logps.to(compute_dtype(per_token_logps))
     sums = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(-1)
     return _finish(sums, mask.sum(-1), None)
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """Segment boundaries of a packed row from HF ``position_ids``, SPEC §3.1 / §17.2.
+    """Segment boundaries of a packed row from HF ``position_ids`` (transformers' padding-free
+    packing convention).
 
     position_ids: ``[N]`` or ``[1, N]``; a segment starts wherever ``position_ids == 0`` (and at
     index 0 whatever its value). Returns ``cu_seqlens [S + 1]`` int64: ``0 = c_0 < ... < c_S = N``.
@@ -152,7 +157,7 @@ def reduce_packed(
     cu_seqlens: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
 ) -> SequenceLogProbs:
-    """Per-segment sums, counts and means of a packed (padding-free) row, SPEC §1.2 / §17.2.
+    """Per-segment sums, counts and means of a packed (padding-free) row.
 
     per_token_logps, loss_mask: ``[N]`` or ``[1, N]``.
     Exactly one of ``cu_seqlens [S + 1]`` (segment ``s`` is ``[c_s, c_{s+1})``) or
@@ -176,7 +181,7 @@ def reduce_packed(
     else:
         cu = _check_cu_seqlens(cu_seqlens, n)
     cu = cu.to(x.device)
-    out_dtype = _acc_dtype(x)
+    out_dtype = compute_dtype(x)
     x64 = torch.where(mask, x.to(torch.float64), torch.zeros((), dtype=torch.float64, device=x.device))
     zero = x64.new_zeros(1)
     prefix = torch.cat([zero, torch.cumsum(x64, 0)])
@@ -189,7 +194,7 @@ def reduce_packed(
 
 def split_pair(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Split a concatenated preference batch ``[chosen; rejected]`` ``[2B, ...]`` into two ``[B, ...]``
-    views (TRL's one-forward layout, SPEC §1.2)."""
+    views (TRL's one-forward layout)."""
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError("split_pair needs a tensor with a batch dimension [2B, ...]")
     if x.shape[0] % 2:
@@ -204,7 +209,7 @@ def group_by_prompt(
     *,
     order: Literal["prompt_major", "sample_major"] = "prompt_major",
 ) -> torch.Tensor:
-    """Group ``K = num_samples`` completions per prompt: ``[B * K, ...] -> [B, K, ...]`` (SPEC §17.2).
+    """Group ``K = num_samples`` completions per prompt: ``[B * K, ...] -> [B, K, ...]``.
 
     order="prompt_major": row ``b * K + k`` is sample ``k`` of prompt ``b`` (prompts repeated with
                           ``repeat_interleave``, as TRL GRPO/RLOO do);
@@ -234,7 +239,8 @@ def ld_dpo_logps(
     rejected_mask: torch.Tensor,
     ld_alpha: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """LD-DPO length-desensitised sequence log-probs, SPEC §6.10 (TRL 1.16 ``ld_alpha``).
+    """LD-DPO length-desensitised sequence log-probs (Liu et al. 2024, arXiv:2409.06411; TRL 1.16
+    ``ld_alpha``).
 
     With ``l_p = min(n_w, n_l)`` per pair and completion positions counted through the mask
     (``pos_t = Σ_{t' ≤ t} m_t'``)::
@@ -260,7 +266,7 @@ def ld_dpo_logps(
     shared = torch.minimum(mc.sum(-1), mr.sum(-1)).unsqueeze(-1)  # l_p [B, 1]
 
     def weighted(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        x = x.to(_acc_dtype(x))
+        x = x.to(compute_dtype(x))
         pos = torch.cumsum(m.to(torch.int64), -1)
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
         head = torch.where(m & (pos <= shared), x, zero).sum(-1)
@@ -273,18 +279,19 @@ def ld_dpo_logps(
 def wpo_log_weights(
     per_token_logps: torch.Tensor, log_sum_sq_probs: torch.Tensor, loss_mask: torch.Tensor
 ) -> torch.Tensor:
-    """WPO per-sequence log-weight ``w̄(y)``, SPEC §6.13 (detached)::
+    """WPO per-sequence log-weight ``w̄(y)`` (Zhou et al. 2024, arXiv:2406.11827, Eq. 2), detached::
 
         w̄(y) = (1 / max(1, n)) Σ_t m_t [ ℓ_t − log Σ_v π_θ(v | ·)² ]
 
     per_token_logps, log_sum_sq_probs, loss_mask: ``[..., T]``. Returns ``w̄ [...]`` without grad;
-    pass the chosen and rejected halves to ``dpo_loss(..., use_weighting=True)``.
+    pass the chosen and rejected halves as
+    ``dpo_loss(..., use_weighting=True, wpo_logw=split_pair(w))``.
     """
     mask = _check_logps_and_mask(per_token_logps, loss_mask)
     if log_sum_sq_probs.shape != per_token_logps.shape:
         raise ValueError("log_sum_sq_probs must have the shape of per_token_logps")
     with torch.no_grad():
-        aligned = per_token_logps.to(_acc_dtype(per_token_logps)) - log_sum_sq_probs
+        aligned = per_token_logps.to(compute_dtype(per_token_logps)) - log_sum_sq_probs
         return reduce_padded(aligned, mask).means
 
 
@@ -303,7 +310,7 @@ def sequence_logprobs(
     position_ids: torch.Tensor | None = None,
     return_per_token: bool = False,
 ) -> SequenceLogProbs:
-    """Hidden states -> per-sequence log-probs in one call (SPEC §1.1, §1.2), differentiable in
+    """Hidden states -> per-sequence log-probs in one call, differentiable in
     ``hidden``, ``weight`` and ``bias``; never builds ``[tokens, vocab]`` logits.
 
     hidden: ``[B, T, H]`` (padded) or ``[1, N, H]`` / ``[N, H]`` (packed); weight ``[V, H]``;
@@ -327,21 +334,44 @@ def sequence_logprobs(
     ``per_token [B, T - 1]`` (``[B, T]`` if not shifted) float32, 0 at masked positions, when
     ``return_per_token`` else ``None``.
     """
-    from . import linear_logprobs
+    packed = cu_seqlens is not None or position_ids is not None
+    if cu_seqlens is not None and position_ids is not None:
+        raise ValueError("pass at most one of cu_seqlens or position_ids")
+    hidden, labels, loss_mask, squeeze = _as_rows(hidden, labels, loss_mask, packed=packed)
+    cu = None
+    if packed:
+        n = labels.shape[1]
+        cu = (
+            cu_seqlens_from_position_ids(position_ids)
+            if cu_seqlens is None
+            else _check_cu_seqlens(cu_seqlens, n)
+        )
+    targets = _shifted_targets(labels, loss_mask, ignore_index, shift, cu)
+    opts = dict(bias=bias, ignore_index=ignore_index, temperature=temperature, softcap=softcap)
+    logps, _, mask = token_logprobs(hidden, weight, targets, **opts)
+    if shift:
+        logps, mask = logps[:, :-1], mask[:, :-1]
+    if cu is None:
+        out = reduce_padded(logps, mask)
+    else:
+        out = reduce_packed(logps, mask, cu_seqlens=cu.to(logps.device).clamp(max=logps.shape[1]))
+    per_token = None
+    if return_per_token:
+        per_token = torch.where(mask, logps, torch.zeros((), dtype=logps.dtype, device=logps.device))
+        per_token = per_token[0] if squeeze else per_token
+    return out._replace(per_token=per_token)
 
+
+def _as_rows(hidden, labels, loss_mask, *, packed: bool):
+    """Checks ``hidden [B, T, H]`` / ``labels [B, T]`` (a packed ``[N]`` row becomes ``[1, N]``)."""
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
         raise TypeError("labels must be an int64 (or int32) tensor of token ids")
-    packed = cu_seqlens is not None or position_ids is not None
-    if cu_seqlens is not None and position_ids is not None:
-        raise ValueError("pass at most one of cu_seqlens or position_ids")
     squeeze = labels.dim() == 1
     if squeeze:
-        labels = labels.unsqueeze(0)
-        hidden = hidden.unsqueeze(0)
-        if loss_mask is not None:
-            loss_mask = loss_mask.unsqueeze(0)
+        labels, hidden = labels.unsqueeze(0), hidden.unsqueeze(0)
+        loss_mask = None if loss_mask is None else loss_mask.unsqueeze(0)
     if labels.dim() != 2:
         raise ValueError(f"labels must be [B, T] (or packed [N] / [1, N]), got shape {tuple(labels.shape)}")
     if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(labels.shape):
@@ -355,33 +385,56 @@ def sequence_logprobs(
         raise ValueError(
             f"loss_mask shape {tuple(loss_mask.shape)} must equal labels shape {tuple(labels.shape)}"
         )
-    b, t = labels.shape
-    if shift and t < 1:
-        raise ValueError("shift=True needs at least one position")
+    return hidden, labels, loss_mask, squeeze
 
+
+def _shifted_targets(labels, loss_mask, ignore_index: int, shift: bool, cu) -> torch.Tensor:
+    """The ids each hidden state scores: ``labels`` with ``ignore_index`` where they do not count,
+    shifted left by one when ``shift`` (never scoring across a packed segment boundary)."""
     valid = labels != ignore_index
     if loss_mask is not None:
         valid = valid & (loss_mask != 0)
     targets = labels.masked_fill(~valid, ignore_index)
+    if not shift:
+        return targets
+    b, t = labels.shape
+    if t < 1:
+        raise ValueError("shift=True needs at least one position")
+    targets = torch.cat([targets[:, 1:], targets.new_full((b, 1), ignore_index)], dim=1)
+    if cu is not None:
+        # the last token of a segment would score the first token of the next one: drop it
+        nxt_start = torch.zeros(t + 1, dtype=torch.bool, device=labels.device)
+        nxt_start[cu.to(labels.device)[1:-1]] = True
+        targets = targets.masked_fill(nxt_start[1:].unsqueeze(0), ignore_index)
+    return targets
 
-    cu = None
-    if packed:
-        n = labels.shape[1]
-        if cu_seqlens is None:
-            cu = cu_seqlens_from_position_ids(position_ids)
-        else:
-            cu = _check_cu_seqlens(cu_seqlens, n)
-        cu = cu.to(labels.device)
-    if shift:
-        pad = targets.new_full((b, 1), ignore_index)
-        targets = torch.cat([targets[:, 1:], pad], dim=1)  # hidden[:, t] scores labels[:, t + 1]
-        if cu is not None:
-            # the last token of a segment would score the first token of the next one: drop it
-            nxt_start = torch.zeros(t + 1, dtype=torch.bool, device=labels.device)
-            nxt_start[cu[1:-1]] = True
-            targets = targets.masked_fill(nxt_start[1:].unsqueeze(0), ignore_index)
 
-    logps = linear_logprobs(
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    return_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Per-token log-probs of ``ids`` already aligned with ``hidden`` (``hidden[..., t, :]`` scores
+    ``ids[..., t]``), scored only where ``mask`` (default: everywhere) and ``ids != ignore_index``.
+
+    One :func:`alignops.linear_logprobs` pass (no ``[tokens, vocab]`` logits). Returns
+    ``(logps, entropy, scored)``: ``logps`` float32 (float64 for float64 inputs) and, with
+    ``return_entropy``, the per-token ``entropy`` (else ``None``), both exactly 0 with zero gradient
+    where not scored; ``scored`` is the bool mask of the scored positions.
+    """
+    scored = ids != ignore_index
+    if mask is not None:
+        check_same_shape("ids", ids, mask=mask)
+        scored = scored & mask.bool()
+    targets = torch.where(scored, ids, torch.full_like(ids, ignore_index))
+    out = linear_logprobs(
         hidden,
         weight,
         targets,
@@ -389,19 +442,6 @@ def sequence_logprobs(
         ignore_index=ignore_index,
         temperature=temperature,
         softcap=softcap,
-    ).logps
-    mask = targets != ignore_index
-    if shift:
-        logps, mask = logps[:, :-1], mask[:, :-1]
-
-    if cu is None:
-        out = reduce_padded(logps, mask)
-    else:
-        m = logps.shape[1]
-        out = reduce_packed(logps, mask, cu_seqlens=cu.clamp(max=m))
-    per_token = None
-    if return_per_token:
-        per_token = torch.where(mask, logps, torch.zeros((), dtype=logps.dtype, device=logps.device))
-        if squeeze:
-            per_token = per_token[0]
-    return out._replace(per_token=per_token)
+        return_entropy=return_entropy,
+    )
+    return out.logps, out.entropy, scored

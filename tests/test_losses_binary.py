@@ -1,9 +1,10 @@
-"""Binary / unpaired feedback losses (SPEC §8): KTO, BCO, DRO.
+"""Binary / unpaired feedback losses: KTO (Ethayarajh et al. 2024, arXiv:2402.01306), BCO (Jung et
+al. 2024, arXiv:2404.04656), DRO (Richemond et al. 2024, arXiv:2405.19107).
 
-float64 references written from SPEC §8 below; KTO is also run against TRL 1.16's
+float64 references written from the papers' formulas below; KTO is also run against TRL 1.16's
 ``KTOTrainer._compute_loss`` on the same per-token log-probs (a stub "model" returns them; the
 trainer instance is built without ``__init__`` and carries only the fields the method reads).
-TRL 1.16 has no BCO trainer (SPEC §0), so BCO is checked against the float64 reference only.
+TRL 1.16 has no BCO trainer, so BCO is checked against the float64 reference only.
 """
 
 from __future__ import annotations
@@ -15,15 +16,13 @@ from types import SimpleNamespace as NS
 import pytest
 import torch
 import torch.nn.functional as F
+from _assert import assert_close
+from _inputs import F64, check_losses, generator, unpaired_logps
 
 from alignops.losses import RewardRunningMean, bco_loss, dro_loss, kto_loss, udm_weights
-from tests._assert import assert_close
-
-F64 = torch.float64
-
 
 # ---------------------------------------------------------------------------------------------
-# float64 references (SPEC §8)
+# float64 references
 
 
 def ref_kto(pw, pl, rw, rl, pk, rk, *, beta, wd, wu, kind):
@@ -56,31 +55,6 @@ def ref_dro(s, sref, r, v, *, tau):
 # ---------------------------------------------------------------------------------------------
 
 
-def _unpaired(nd=7, nu=5, seed=0, scale=20.0):
-    g = torch.Generator().manual_seed(seed)
-    pw = -scale * torch.rand(nd, generator=g, dtype=F64) - 1
-    pl = -scale * torch.rand(nu, generator=g, dtype=F64) - 1
-    rw = pw + 3 * torch.randn(nd, generator=g, dtype=F64)
-    rl = pl + 3 * torch.randn(nu, generator=g, dtype=F64)
-    return pw, pl, rw, rl
-
-
-def _grads_close(name, out_losses, want, x_ours, x_ref, atol=1e-5, rtol=1e-5):
-    g = torch.randn(want.shape, dtype=F64)
-    got = torch.autograd.grad((out_losses * g.to(out_losses.dtype)).sum(), x_ours, allow_unused=True)
-    exp = torch.autograd.grad((want * g).sum(), x_ref, allow_unused=True)
-    for i, (a, e) in enumerate(zip(got, exp)):
-        a = torch.zeros_like(x_ours[i]) if a is None else a
-        e = torch.zeros_like(x_ref[i]) if e is None else e
-        assert_close(f"{name}/grad{i}", e, a, atol=atol, rtol=rtol)
-
-
-def _leaves(ts, dtype=torch.float32):
-    return [t.detach().to(dtype).requires_grad_(True) for t in ts], [
-        t.detach().to(dtype).to(F64).requires_grad_(True) for t in ts
-    ]
-
-
 @pytest.mark.parametrize(
     "kind,beta,wd,wu,nd,nu",
     [
@@ -92,22 +66,27 @@ def _leaves(ts, dtype=torch.float32):
     ],
 )
 def test_kto_matches_reference(kind, beta, wd, wu, nd, nu):
-    pw, pl, rw, rl = _unpaired(nd, nu)
-    pk, _, rk, _ = _unpaired(nd + nu, 1, seed=1, scale=10.0)
-    xo, xr = _leaves([pw, pl, rw, rl, pk, rk])
-    out = kto_loss(
-        *xo[:4],
-        policy_kl_logps=xo[4],
-        ref_kl_logps=xo[5],
-        beta=beta,
-        desirable_weight=wd,
-        undesirable_weight=wu,
-        loss_type=kind,
+    pw, pl, rw, rl = unpaired_logps(nd, nu)
+    pk, _, rk, _ = unpaired_logps(nd + nu, 1, seed=1, scale=10.0)
+    out = check_losses(
+        "kto",
+        lambda a, b, c, d, e, f: kto_loss(
+            a,
+            b,
+            c,
+            d,
+            policy_kl_logps=e,
+            ref_kl_logps=f,
+            beta=beta,
+            desirable_weight=wd,
+            undesirable_weight=wu,
+            loss_type=kind,
+        ),
+        lambda *x: ref_kto(*x, beta=beta, wd=wd, wu=wu, kind=kind),
+        [pw, pl, rw, rl, pk, rk],
+        atol=1e-6,
+        gatol=1e-7,
     )
-    want = ref_kto(*xr, beta=beta, wd=wd, wu=wu, kind=kind)
-    assert_close("kto/losses", want, out.losses, atol=1e-6, rtol=1e-5)
-    assert_close("kto/loss", want.mean(), out.loss, atol=1e-6, rtol=1e-5)
-    _grads_close("kto", out.losses, want, xo, xr, atol=1e-7)
     z0 = torch.clamp((pk - rk).mean(), min=0) if kind == "kto" else torch.zeros((), dtype=F64)
     assert_close("kto/kl", z0, out.metrics["kl"], atol=1e-5, rtol=1e-6)
     if nd:
@@ -126,8 +105,8 @@ def test_kto_matches_reference(kind, beta, wd, wu, nd, nu):
 
 
 def test_kto_given_kl_is_clamped_and_matches_kl_logps():
-    pw, pl, rw, rl = _unpaired()
-    pk, _, rk, _ = _unpaired(12, 1, seed=4)
+    pw, pl, rw, rl = unpaired_logps(7, 5)
+    pk, _, rk, _ = unpaired_logps(12, 1, seed=4)
     a = kto_loss(pw, pl, rw, rl, policy_kl_logps=pk, ref_kl_logps=rk)
     b = kto_loss(pw, pl, rw, rl, kl=(pk - rk).mean())
     assert_close("kto/kl-equivalence", a.losses, b.losses, atol=1e-7)
@@ -138,6 +117,20 @@ def test_kto_given_kl_is_clamped_and_matches_kl_logps():
     assert_close("kto/negative-kl", zero, neg.losses, atol=1e-6, rtol=1e-6)
     empty = kto_loss(pw[:0], pl[:0], rw[:0], rl[:0], kl=0.0)
     assert empty.loss.item() == 0.0 and empty.losses.numel() == 0
+
+
+@pytest.mark.parametrize("form", ["float64-tensor", "python-float"])
+def test_kto_given_kl_is_exact_in_float64(form):
+    """Issue 8: ``kto_loss(kl=...)`` rounded ``kl`` through float32 even for float64 log-probs (the loss
+    was off by ~2e-10 here). Float64 inputs must give the float64 formula to the last bit."""
+    pw, pl, rw, rl = unpaired_logps(7, 5, seed=12)
+    z0 = 1.2345678901234567  # not a float32 number (float32 rounds it by ~2e-8)
+    kl = torch.tensor(z0, dtype=F64) if form == "float64-tensor" else z0
+    out = kto_loss(pw, pl, rw, rl, kl=kl, beta=0.1)
+    want = torch.cat((torch.sigmoid(-0.1 * ((pw - rw) - z0)), torch.sigmoid(-0.1 * (z0 - (pl - rl)))))
+    assert out.losses.dtype == F64
+    assert_close("kto/kl-float64", want, out.losses, atol=1e-15, rtol=0)
+    assert out.metrics["kl"].dtype == F64 and out.metrics["kl"].item() == z0
 
 
 def test_kto_matches_trl():
@@ -221,22 +214,23 @@ def test_kto_matches_trl():
 
 @pytest.mark.parametrize("with_udm", [False, True])
 def test_bco_matches_reference(with_udm):
-    pw, pl, rw, rl = _unpaired(8, 6, seed=5)
+    pw, pl, rw, rl = unpaired_logps(8, 6, seed=5)
     omega = udm_weights(torch.rand(6, dtype=F64)) if with_udm else None
-    xo, xr = _leaves([pw, pl, rw, rl])
-    out = bco_loss(*xo, beta=0.2, delta=0.7, rejected_weights=omega)
-    want = ref_bco(*xr, beta=0.2, delta=0.7, omega=omega)
-    assert_close("bco/losses", want, out.losses, atol=1e-5, rtol=1e-5)
-    _grads_close("bco", out.losses, want, xo, xr)
+    out = check_losses(
+        "bco",
+        lambda *x: bco_loss(*x, beta=0.2, delta=0.7, rejected_weights=omega),
+        lambda *x: ref_bco(*x, beta=0.2, delta=0.7, omega=omega),
+        [pw, pl, rw, rl],
+    )
     assert_close("bco/delta", torch.tensor(0.7, dtype=F64), out.metrics["delta"], atol=1e-7)
 
 
 def test_bco_running_mean_is_updated_before_the_loss():
-    """δ = mean of every reward seen so far, this batch included (SPEC §8.2)."""
+    """δ = mean of every reward seen so far, this batch included (TRL updates before the loss)."""
     running = RewardRunningMean()
     seen = []
     for step in range(3):
-        pw, pl, rw, rl = _unpaired(4 + step, 3, seed=10 + step)
+        pw, pl, rw, rl = unpaired_logps(4 + step, 3, seed=10 + step)
         out = bco_loss(pw.float(), pl.float(), rw.float(), rl.float(), beta=0.1, delta=running)
         seen.append(torch.cat((0.1 * (pw - rw), 0.1 * (pl - rl))))
         delta = torch.cat(seen).mean()
@@ -253,18 +247,19 @@ def test_udm_weights_clamp():
 
 @pytest.mark.parametrize("tau", [1.0, 0.3])
 def test_dro_matches_reference_and_joint_objective_gradient(tau):
-    g = torch.Generator().manual_seed(6)
+    g = generator(6)
     b = 11
     s = -10 * torch.rand(b, generator=g, dtype=F64)
     sref = s + torch.randn(b, generator=g, dtype=F64)
     r = torch.randn(b, generator=g, dtype=F64).sign()
     v = 0.5 * torch.randn(b, generator=g, dtype=F64)
-    xo, xr = _leaves([s, sref, r, v])
-    out = dro_loss(*xo, tau=tau)
-    want = ref_dro(xr[0], xr[1].detach(), xr[2], xr[3], tau=tau)
-    assert_close("dro/losses", want, out.losses, atol=1e-5, rtol=1e-5)
-    _grads_close("dro", out.losses, want, [xo[0], xo[3]], [xr[0], xr[3]])
-    # SPEC §8.3: ∇_θ of the policy term = ∇_θ ½ (r - V - τ u)² / τ; ∇_V of the value term = ∇_V of it.
+    check_losses(
+        "dro",
+        lambda *x: dro_loss(*x, tau=tau),
+        lambda a, b, c, d: ref_dro(a, b.detach(), c, d, tau=tau),
+        [s, sref, r, v],
+    )
+    # the policy term's θ-gradient is ∇_θ ½ (r - V - τ u)² / τ; the value term's V-gradient is ∇_V of it.
     x = s.clone().requires_grad_(True)
     vv = v.clone().requires_grad_(True)
     joint = 0.5 * (r - vv - tau * (x - sref)) ** 2
@@ -298,22 +293,26 @@ def test_extreme_margins_and_bf16():
         grads = torch.autograd.grad((out.losses * torch.randn(out.losses.shape)).sum(), xs[:2])
         assert torch.isfinite(out.losses).all() and all(torch.isfinite(g).all() for g in grads)
     # bf16 inputs: fp32 arithmetic on the bf16-rounded values, bf16 gradients
-    pw, pl, rw, rl = _unpaired(6, 5, seed=9, scale=5.0)
-    xo, xr = _leaves([pw, pl, rw, rl], dtype=torch.bfloat16)
-    out = bco_loss(*xo, beta=0.5, delta=0.1)
+    pw, pl, rw, rl = unpaired_logps(6, 5, seed=9, scale=5.0)
+    out = check_losses(
+        "bco-bf16",
+        lambda *x: bco_loss(*x, beta=0.5, delta=0.1),
+        lambda *x: ref_bco(*x, beta=0.5, delta=0.1),
+        [pw, pl, rw, rl],
+        dtype=torch.bfloat16,
+        gatol=1e-3,
+        grtol=8e-3,
+    )
     assert out.losses.dtype == torch.float32
-    want = ref_bco(*xr, beta=0.5, delta=0.1)
-    assert_close("bco-bf16/losses", want, out.losses, atol=1e-5, rtol=1e-5)
-    _grads_close("bco-bf16", out.losses, want, xo, xr, atol=1e-3, rtol=8e-3)
 
 
 def test_bad_inputs_raise_clear_errors():
-    pw, pl, rw, rl = _unpaired()
+    pw, pl, rw, rl = unpaired_logps(7, 5)
     with pytest.raises(ValueError, match="batch size"):
         kto_loss(pw, pl, rw[:-1], rl, kl=0.0)
     with pytest.raises(ValueError, match="reference point"):
         kto_loss(pw, pl, rw, rl)
-    with pytest.raises(ValueError, match="valid choices: kto, apo_zero_unpaired"):
+    with pytest.raises(ValueError, match="valid choices: 'kto', 'apo_zero_unpaired'"):
         kto_loss(pw, pl, rw, rl, kl=0.0, loss_type="bco")
     with pytest.raises(ValueError, match="NaN"):
         bco_loss(pw, pl * float("nan"), rw, rl)

@@ -1,7 +1,8 @@
-"""Listwise losses (SPEC §9): listwise DPO (Plackett–Luce), LiPO (λ, softmax, pair-logistic,
-pair-hinge, list-MLE), RRHF, PRO, with masks for unequal list lengths.
+"""Listwise losses: listwise DPO (Plackett–Luce; Rafailov et al. 2023, App. A.3), LiPO (λ, softmax,
+pair-logistic, pair-hinge, list-MLE; Liu et al. 2024, arXiv:2402.01878), RRHF (Yuan et al. 2023,
+arXiv:2304.05302), PRO (Song et al. 2023, arXiv:2306.17492), with masks for unequal list lengths.
 
-The float64 references below loop over prompts and pairs in plain Python, straight from the SPEC
+The float64 references below loop over prompts and pairs in plain Python, straight from the papers'
 formulas (PRO even divides by the temperatures T = 1/(r_k - r_i) literally). TRL has no listwise
 trainer, so there is no TRL comparison here; K = 2 listwise DPO is checked against the DPO formula.
 """
@@ -13,16 +14,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _assert import assert_close
+from _inputs import F64, check_losses, generator
 
 from alignops.losses import lipo_loss, listwise_dpo_loss, pro_loss, rrhf_loss
-from tests._assert import assert_close
 
-F64 = torch.float64
 B, K = 7, 5  # odd sizes; the mask below gives lists of 5, 4, 3, 2, 1 responses
 
 
 def _lists(seed=0, distinct=False):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     n = torch.randint(1, 40, (B, K), generator=g)
     n[0, 1] = 0  # a zero-length completion
     pol = -(0.1 + 2 * torch.rand(B, K, generator=g, dtype=F64)) * n
@@ -139,29 +140,11 @@ def ref_pro(pol, labels, n, mask, *, sft_weight):
 # ---------------------------------------------------------------------------------------------
 
 
-def _check(
-    name, fn_ours, fn_ref, floats, *, atol=1e-5, rtol=1e-5, dtype=torch.float32, gatol=None, grtol=None
-):
-    xo = [t.detach().to(dtype).requires_grad_(True) for t in floats]
-    xr = [t.detach().to(dtype).to(F64).requires_grad_(True) for t in floats]
-    out = fn_ours(*xo)
-    want = fn_ref(*xr)
-    assert_close(f"{name}/losses", want, out.losses, atol=atol, rtol=rtol)
-    assert_close(f"{name}/loss", want.mean(), out.loss, atol=atol, rtol=rtol)
-    g = torch.randn(want.shape, dtype=F64)
-    got = torch.autograd.grad((out.losses * g.to(out.losses.dtype)).sum(), xo)
-    exp = torch.autograd.grad((want * g).sum(), xr)
-    for i, (a, e) in enumerate(zip(got, exp)):
-        assert a.dtype == dtype
-        assert_close(f"{name}/grad{i}", e, a, atol=gatol or atol, rtol=grtol or rtol)
-    return out
-
-
 @pytest.mark.parametrize("top_k", [None, 2])
 def test_listwise_dpo_matches_reference(top_k):
     pol, ref, labels, _, mask = _lists()
     beta = 0.3
-    out = _check(
+    out = check_losses(
         "listwise_dpo",
         lambda p: listwise_dpo_loss(p, ref, labels, beta=beta, mask=mask, top_k=top_k),
         lambda p: ref_pl(beta * (p - ref), labels, mask, top_k),
@@ -188,11 +171,11 @@ def test_listwise_dpo_matches_reference(top_k):
 
 
 def test_listwise_dpo_with_two_responses_is_dpo():
-    g = torch.Generator().manual_seed(1)
+    g = generator(1)
     pw, pl = -30 * torch.rand(9, generator=g, dtype=F64), -30 * torch.rand(9, generator=g, dtype=F64)
     rw, rl = pw + torch.randn(9, generator=g, dtype=F64), pl + torch.randn(9, generator=g, dtype=F64)
     labels = torch.tensor([[1.0, 0.0]]).expand(9, 2)
-    _check(
+    check_losses(
         "listwise_dpo-k2",
         lambda a, b: listwise_dpo_loss(torch.stack((a, b), 1), torch.stack((rw, rl), 1), labels, beta=0.1),
         lambda a, b: -F.logsigmoid(0.1 * ((a - rw) - (b - rl))),
@@ -204,7 +187,7 @@ def test_listwise_dpo_with_two_responses_is_dpo():
 def test_lipo_matches_reference(kind):
     pol, ref, labels, _, mask = _lists(seed=2)
     beta = 0.05
-    _check(
+    check_losses(
         f"lipo[{kind}]",
         lambda p: lipo_loss(p, ref, labels, beta=beta, loss_type=kind, mask=mask),
         lambda p: ref_lipo(beta * (p - ref), labels, mask, kind),
@@ -215,7 +198,7 @@ def test_lipo_matches_reference(kind):
 @pytest.mark.parametrize("lp", [1.0, 0.5])
 def test_rrhf_matches_reference(lp):
     pol, _, labels, n, mask = _lists(seed=3)
-    _check(
+    check_losses(
         "rrhf",
         lambda p: rrhf_loss(p, labels, lengths=n, length_penalty=lp, rrhf_weight=100.0, mask=mask),
         lambda p: ref_rrhf(p, labels, n, mask, lp=lp, w=100.0),
@@ -227,7 +210,7 @@ def test_rrhf_matches_reference(lp):
 
 def test_pro_matches_reference():
     pol, _, scores, n, mask = _lists(seed=4, distinct=True)
-    _check(
+    check_losses(
         "pro",
         lambda p: pro_loss(p, scores, lengths=n, sft_weight=0.05, mask=mask),
         lambda p: ref_pro(p, scores, n, mask, sft_weight=0.05),
@@ -278,7 +261,7 @@ def test_bf16_inputs():
     pol, ref, labels, _, mask = _lists(seed=5)
     pol, ref = pol / 10, ref / 10  # keep bf16 rounding of the inputs moderate
     ref_b = ref.to(torch.bfloat16)
-    out = _check(
+    out = check_losses(
         "bf16-lipo",
         lambda p: lipo_loss(p, ref_b, labels, beta=0.5, loss_type="pair_logistic", mask=mask),
         lambda p: ref_lipo(0.5 * (p - ref_b.double()), labels, mask, "pair_logistic"),
@@ -306,7 +289,7 @@ def test_list_inputs_and_validation():
     with pytest.raises(ValueError, match="disagree with mask"):
         listwise_dpo_loss(*as_lists, mask=torch.ones(B, K, dtype=torch.bool))
     with pytest.raises(
-        ValueError, match="valid choices: lambda, softmax, pair_logistic, pair_hinge, list_mle"
+        ValueError, match="valid choices: 'lambda', 'softmax', 'pair_logistic', 'pair_hinge', 'list_mle'"
     ):
         lipo_loss(pol, ref, labels, loss_type="ndcg")
     with pytest.raises(ValueError, match="shape"):

@@ -1,11 +1,9 @@
 """Tests for alignops.rl: KL estimators, group / leave-one-out advantages, PPO rewards, whitening,
-GAE, sampler importance ratios, truncation masks, and the fused hidden-states -> loss paths.
+GAE, sampler importance ratios, truncation masks (the fused hidden-states -> loss paths:
+test_fused.py).
 
-References are written here from the SPEC formulas in float64 with plain Python loops (group
-statistics with the ``statistics`` module), independent of the vectorised library code. The fused
-paths are checked against full-logits PyTorch (``log_softmax(softcap(h W^T + b) / T)``) feeding
-the float64 loss references of test_losses_rl.py, values and gradients w.r.t. hidden, weight and
-bias under a random upstream gradient.
+References are written here from the papers' / TRL's formulas in float64 with plain Python loops
+(group statistics with the ``statistics`` module), independent of the vectorised library code.
 """
 
 from __future__ import annotations
@@ -15,16 +13,13 @@ import statistics
 
 import pytest
 import torch
-import torch.nn.functional as F
-from _assert import assert_close, assert_close_lowp
-from test_losses_rl import ref_grpo, ref_ppo
+from _assert import assert_close
+from _inputs import padded_mask
 
 from alignops.rl import (
     compute_gae,
     group_advantages,
-    grpo_loss_from_hidden,
     kl_estimate,
-    ppo_loss_from_hidden,
     ppo_rewards,
     rloo_advantages,
     sampling_importance_ratio,
@@ -35,16 +30,8 @@ from alignops.rl import (
 NAN = float("nan")
 
 
-def right_padded_mask(b, t, g, *, empty_row=True):
-    lengths = torch.randint(1, t + 1, (b,), generator=g)
-    if empty_row:
-        lengths[0] = 0
-    lengths[-1] = t
-    return torch.arange(t)[None, :] < lengths[:, None]
-
-
 # ------------------------------------------------------------------------------------------
-# KL estimators (SPEC §4)
+# KL estimators
 # ------------------------------------------------------------------------------------------
 
 
@@ -71,7 +58,7 @@ def test_kl_estimate_per_token_values_grad_mask_clamp_bf16():
     b, t = 5, 11
     lp = (-3 * torch.rand(b, t, generator=g, dtype=torch.float64)).requires_grad_()
     ref = -3 * torch.rand(b, t, generator=g, dtype=torch.float64)
-    m = right_padded_mask(b, t, g)
+    m = padded_mask(b, t, g)
     gu = torch.randn(b, t, generator=g, dtype=torch.float64)
     for kind in ("k1", "k2", "k3"):
         lr = ref - lp
@@ -106,7 +93,7 @@ def test_kl_estimate_per_token_values_grad_mask_clamp_bf16():
 
 
 # ------------------------------------------------------------------------------------------
-# GRPO group advantages (SPEC §5.3)
+# GRPO group advantages
 # ------------------------------------------------------------------------------------------
 
 
@@ -115,7 +102,7 @@ def _stdev(vals):
 
 
 def ref_group_adv(rewards, g, *, scale="group", weights=None, agg="sum_then_normalize", eps=1e-4):
-    """Plain-Python transcription of SPEC §5.3 (NaN = reward function returned None)."""
+    """Plain-Python transcription of TRL GRPOTrainer's advantages (NaN = reward function returned None)."""
     rows = [[float(v) for v in (r if isinstance(r, list) else [r])] for r in rewards.tolist()]
     k = len(rows[0])
     w = weights or [1.0] * k
@@ -193,7 +180,7 @@ def test_group_advantages_single_generation_and_errors():
 
 
 # ------------------------------------------------------------------------------------------
-# RLOO advantages (SPEC §5.6)
+# RLOO advantages
 # ------------------------------------------------------------------------------------------
 
 
@@ -247,13 +234,14 @@ def test_rloo_advantages_vs_reference(normalize):
 
 
 # ------------------------------------------------------------------------------------------
-# PPO rollout pipeline: rewards, whitening, GAE (SPEC §5.2 steps 1-3)
+# PPO rollout pipeline: rewards, whitening, GAE (TRL PPOTrainer's rollout)
 # ------------------------------------------------------------------------------------------
 
 
 def trl_style_rollout(old, ref, values, scores, seq_len, *, kl_coef, kind, gamma, lam, whiten_rewards):
-    """SPEC §5.2 steps 1-3 transcribed on full-length arrays as TRL does: padding log-probs set to
-    INVALID_LOGPROB = 1.0 (log r = 0), values zeroed past seq_len + 1, score at seq_len + 1."""
+    """TRL PPOTrainer's rollout (rewards, whitening, GAE) transcribed on full-length arrays: padding
+    log-probs set to INVALID_LOGPROB = 1.0 (log r = 0), values zeroed past seq_len + 1, score at
+    seq_len + 1."""
     b, t = old.shape
     idx = torch.arange(t)[None, :]
     pad = idx > seq_len[:, None]
@@ -319,7 +307,7 @@ def test_ppo_rollout_pipeline_matches_trl_transcription(kind, whiten_rewards):
 def test_ppo_rewards_default_index_and_kl():
     g = torch.Generator().manual_seed(5)
     b, t = 5, 7
-    m = right_padded_mask(b, t, g)
+    m = padded_mask(b, t, g)
     old = -torch.rand(b, t, generator=g, dtype=torch.float64)
     ref = -torch.rand(b, t, generator=g, dtype=torch.float64)
     scores = torch.randn(b, generator=g, dtype=torch.float64)
@@ -339,7 +327,7 @@ def test_ppo_rewards_default_index_and_kl():
 def test_whiten_vs_formula():
     g = torch.Generator().manual_seed(6)
     x = torch.randn(4, 9, generator=g, dtype=torch.float64) * 3 + 2
-    m = right_padded_mask(4, 9, g)
+    m = padded_mask(4, 9, g)
     vals = x[m]
     mean, var = vals.mean(), vals.var(unbiased=True)
     for shift in (True, False):
@@ -374,7 +362,7 @@ def test_gae_with_holes_equals_gae_on_compacted_sequence():
 
 
 # ------------------------------------------------------------------------------------------
-# sampler importance ratio, truncation (SPEC §5.3 masks)
+# sampler importance ratio, truncation
 # ------------------------------------------------------------------------------------------
 
 
@@ -382,7 +370,7 @@ def test_gae_with_holes_equals_gae_on_compacted_sequence():
 def test_sampling_importance_ratio(mode):
     g = torch.Generator().manual_seed(8)
     b, t = 5, 8
-    m = right_padded_mask(b, t, g)
+    m = padded_mask(b, t, g)
     old = -torch.rand(b, t, generator=g, dtype=torch.float64)
     samp = old + 0.4 * torch.randn(b, t, generator=g, dtype=torch.float64)
     samp[3, 1] = NAN  # the sampler could not score this token
@@ -412,186 +400,3 @@ def test_truncated_mask():
         truncated_mask(ids, m, eos_token_ids=2, pad_token_id=4),
         torch.tensor([False, True, True, False, False]),
     )
-
-
-# ------------------------------------------------------------------------------------------
-# fused path: hidden states -> log-probs -> loss, against full-logits PyTorch
-# ------------------------------------------------------------------------------------------
-
-BF, TF, HF, VF = 5, 11, 16, 37  # odd sizes, V prime
-
-
-def fused_inputs(seed, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(BF, TF, HF, generator=g).to(dtype)
-    w = (0.4 * torch.randn(VF, HF, generator=g)).to(dtype)
-    bias = (0.3 * torch.randn(VF, generator=g)).to(dtype)
-    ids = torch.randint(0, VF, (BF, TF), generator=g)
-    m = right_padded_mask(BF, TF, g)
-    ids[~m] = -100 if seed % 2 else 0  # padding ids may be ignore_index or a real token
-    return g, h, w, bias, ids, m
-
-
-def full_logits_stats(h, w, bias, ids, m, *, temperature=1.0, softcap=None):
-    z = h.double() @ w.double().T + bias.double()
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    logsm = F.log_softmax(z / temperature, -1)
-    safe = torch.where(m, ids, torch.zeros_like(ids))
-    logp = logsm.gather(-1, safe[..., None]).squeeze(-1)
-    ent = -(logsm.exp() * logsm).sum(-1)
-    return logp, ent
-
-
-@pytest.mark.parametrize("temperature,softcap", [(1.0, None), (0.7, 2.5)], ids=["plain", "temp-softcap"])
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "cispo"])
-def test_grpo_loss_from_hidden_vs_full_logits(loss_type, temperature, softcap):
-    g, h, w, bias, ids, m = fused_inputs(11 + len(loss_type))
-    h, w, bias = (x.requires_grad_() for x in (h, w, bias))
-    with torch.no_grad():
-        lp0, _ = full_logits_stats(h, w, bias, ids, m, temperature=temperature, softcap=softcap)
-    old = lp0 + 0.3 * torch.randn(BF, TF, generator=g, dtype=torch.float64)
-    ref = lp0 + 0.3 * torch.randn(BF, TF, generator=g, dtype=torch.float64)
-    adv = torch.randn(BF, generator=g)
-    out = grpo_loss_from_hidden(
-        h,
-        w,
-        ids,
-        m,
-        old.float(),
-        adv,
-        ref_logps=ref.float(),
-        bias=bias,
-        temperature=temperature,
-        softcap=softcap,
-        loss_type=loss_type,
-        beta=0.04,
-        entropy_coef=0.01,
-        top_entropy_quantile=0.7,
-        epsilon_high=0.28,
-    )
-    hr, wr, br = (x.detach().double().requires_grad_() for x in (h, w, bias))
-    lp, ent = full_logits_stats(hr, wr, br, ids, m, temperature=temperature, softcap=softcap)
-    ref_loss, _ = ref_grpo(
-        lp,
-        old.float().double(),
-        adv.double(),
-        m,
-        loss_type=loss_type,
-        ref=ref.float().double(),
-        beta=0.04,
-        ent=ent,
-        ent_coef=0.01,
-        top_q=0.7,
-        eps_high=0.28,
-    )
-    gu = torch.randn((), generator=g, dtype=torch.float64)
-    (out.loss * gu).backward()
-    (ref_loss * gu).backward()
-    assert out.loss.dtype == torch.float32
-    assert_close("fused loss", ref_loss, out.loss, atol=2e-6, rtol=2e-5)
-    assert_close(
-        "fused entropy metric", (ent * m).sum() / m.sum(), out.metrics["entropy"], atol=2e-6, rtol=1e-5
-    )
-    for name, a, b in (
-        ("dhidden", hr.grad, h.grad),
-        ("dweight", wr.grad, w.grad),
-        ("dbias", br.grad, bias.grad),
-    ):
-        scale = a.abs().max().item()
-        assert_close(f"fused {name}", a, b, atol=2e-5 * scale, rtol=1e-4)
-    assert (h.grad[~m] == 0).all()
-
-
-def test_grpo_loss_from_hidden_on_policy_and_bf16():
-    """old_logps=None (on-policy ratio 1) with bf16 hidden / weight: float32 loss equal to the
-    float64 reference on the bf16 values; bf16 gradients no worse than the float64 truth rounded
-    to bf16 (three-way rule)."""
-    g, h, w, bias, ids, m = fused_inputs(23, dtype=torch.bfloat16)
-    h, w = h.requires_grad_(), w.requires_grad_()
-    adv = torch.randn(BF, generator=g)
-    out = grpo_loss_from_hidden(h, w, ids, m, None, adv, loss_type="grpo")
-    hr, wr = (x.detach().double().requires_grad_() for x in (h, w))
-    lp, _ = full_logits_stats(hr, wr, torch.zeros(VF, dtype=torch.float64), ids, m)
-    ref_loss, _ = ref_grpo(lp, lp.detach(), adv.double(), m, loss_type="grpo")
-    gu = torch.randn((), generator=g, dtype=torch.float64)
-    (out.loss * gu).backward()
-    (ref_loss * gu).backward()
-    assert out.loss.dtype == torch.float32 and h.grad.dtype == torch.bfloat16
-    assert_close("bf16 fused on-policy loss", ref_loss, out.loss, atol=1e-6, rtol=1e-5)
-    assert_close_lowp("bf16 dhidden", hr.grad, h.grad, hr.grad.bfloat16())
-    assert_close_lowp("bf16 dweight", wr.grad, w.grad, wr.grad.bfloat16())
-
-
-def test_ppo_loss_from_hidden_vs_full_logits_with_ptx():
-    g, h, w, bias, ids, m = fused_inputs(31)
-    h, w, bias = (x.requires_grad_() for x in (h, w, bias))
-    with torch.no_grad():
-        lp0, _ = full_logits_stats(h, w, bias, ids, m, temperature=0.7)
-    old = (lp0 + 0.2 * torch.randn(BF, TF, generator=g, dtype=torch.float64)).float()
-    adv = torch.randn(BF, TF, generator=g)
-    values = torch.randn(BF, TF, generator=g, requires_grad=True)
-    old_values = values.detach() + 0.3 * torch.randn(BF, TF, generator=g)
-    returns = torch.randn(BF, TF, generator=g)
-    ph = torch.randn(3, 7, HF, generator=g, requires_grad=True)
-    plab = torch.randint(0, VF, (3, 7), generator=g)
-    plab[0, :2] = -100
-    out = ppo_loss_from_hidden(
-        h,
-        w,
-        ids,
-        m,
-        old,
-        adv,
-        bias=bias,
-        temperature=0.7,
-        values=values,
-        old_values=old_values,
-        returns=returns,
-        entropy_coef=0.02,
-        ptx_hidden=ph,
-        ptx_labels=plab,
-        ptx_coef=0.5,
-    )
-    hr, wr, br, vr, phr = (x.detach().double().requires_grad_() for x in (h, w, bias, values, ph))
-    lp, ent = full_logits_stats(hr, wr, br, ids, m, temperature=0.7)
-    keep = plab != -100
-    z = phr @ wr.T + br
-    nll = -F.log_softmax(z, -1)[keep].gather(-1, plab[keep][:, None]).mean()
-    ref_loss, _ = ref_ppo(
-        lp,
-        old.double(),
-        adv.double(),
-        m,
-        values=vr,
-        old_values=old_values.double(),
-        returns=returns.double(),
-        vm=m,
-        ent=ent,
-        ent_coef=0.02,
-        ptx=nll,
-        ptx_coef=0.5,
-    )
-    gu = torch.randn((), generator=g, dtype=torch.float64)
-    (out.loss * gu).backward()
-    (ref_loss * gu).backward()
-    assert_close("fused ppo loss", ref_loss, out.loss, atol=2e-6, rtol=2e-5)
-    for name, a, b in (
-        ("dhidden", hr.grad, h.grad),
-        ("dweight", wr.grad, w.grad),
-        ("dbias", br.grad, bias.grad),
-        ("dvalues", vr.grad, values.grad),
-        ("dptx_hidden", phr.grad, ph.grad),
-    ):
-        scale = a.abs().max().item()
-        assert_close(f"fused ppo {name}", a, b, atol=2e-5 * scale, rtol=1e-4)
-
-
-def test_fused_bad_options_raise():
-    _, h, w, _, ids, m = fused_inputs(1)
-    with pytest.raises(ValueError, match="unknown option.*'loss_typ'.*valid options of grpo_loss"):
-        grpo_loss_from_hidden(h, w, ids, m, None, torch.zeros(BF), loss_typ="grpo")
-    with pytest.raises(ValueError, match="ids"):
-        grpo_loss_from_hidden(h, w, ids[:, :-1], m, None, torch.zeros(BF))
-    with pytest.raises(ValueError, match="together"):
-        ppo_loss_from_hidden(h, w, ids, m, None, torch.zeros(BF), ptx_hidden=h)

@@ -1,4 +1,5 @@
-"""Sequence reductions (SPEC §1.2, §6.10, §6.13, §17.2) against float64 references written from the math:
+"""Sequence reductions (sums, counts and means; LD-DPO; WPO; packed rows) against float64 references
+written from the math:
 per-row / per-segment Python loops and full-logits log-softmax, at awkward sizes, with random upstream
 gradients. The DPO-side use of these helpers is also checked against TRL in test_losses_dpo.py."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _assert import assert_close
+from _inputs import gather_logps, generator, prompt_labels, ref_logits
 
 from alignops.sequence import (
     cu_seqlens_from_position_ids,
@@ -19,7 +21,7 @@ from alignops.sequence import (
     wpo_log_weights,
 )
 
-# ---------------------------------------------------------------- float64 references (loops, from SPEC §1.2)
+# ---------------------------------------------------------------- float64 references (loops)
 
 
 def _ref_reduce_rows(x: torch.Tensor, m: torch.Tensor):
@@ -204,7 +206,7 @@ def test_split_pair_and_group_by_prompt():
         group_by_prompt(x, k, order="rows")
 
 
-# ---------------------------------------------------------------- LD-DPO (SPEC §6.10)
+# ---------------------------------------------------------------- LD-DPO (Liu et al. 2024)
 
 
 def _ref_ld(x, m, shared_len, alpha):
@@ -260,27 +262,17 @@ def test_wpo_log_weights():
 # ---------------------------------------------------------------- hidden -> sequence log-probs
 
 
-def _ref_logits(h, w, bias, temperature, softcap):
-    z = h.double() @ w.double().T
-    if bias is not None:
-        z = z + bias.double()
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return z / temperature
-
-
 def _ref_seq_logprobs(h, w, labels, bias, *, temperature=1.0, softcap=None, loss_mask=None, shift=True):
-    """Full-logits float64 reference: log_softmax, gather the next token, masked sums (SPEC §1.1-§1.2)."""
-    logp = torch.log_softmax(_ref_logits(h, w, bias, temperature, softcap), dim=-1)
+    """Full-logits float64 reference: log_softmax, gather the next token, masked sums."""
+    z = ref_logits(h, w, bias, temperature=temperature, softcap=softcap)
     keep = labels != -100
     if loss_mask is not None:
         keep = keep & loss_mask.bool()
     if shift:
-        logp, tgt, keep = logp[:, :-1], labels[:, 1:], keep[:, 1:]
+        z, tgt, keep = z[:, :-1], labels[:, 1:], keep[:, 1:]
     else:
         tgt = labels
-    tok = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    tok = torch.where(keep, tok, torch.zeros((), dtype=tok.dtype))
+    tok, _ = gather_logps(z, tgt, keep)
     s = tok.sum(-1)
     n = keep.sum(-1)
     return s, n, s / n.clamp(min=1).double(), tok
@@ -288,13 +280,7 @@ def _ref_seq_logprobs(h, w, labels, bias, *, temperature=1.0, softcap=None, loss
 
 def _labels(b, t, v, *, prompt_max=4):
     """Token ids with -100 on a random prompt and on right padding (rows may have no completion token)."""
-    lab = torch.randint(0, v, (b, t))
-    for i in range(b):
-        p = int(torch.randint(1, prompt_max + 1, ()))
-        e = int(torch.randint(p, t + 1, ()))
-        lab[i, :p] = -100
-        lab[i, e:] = -100
-    return lab
+    return prompt_labels(b, t, v, generator(int(torch.randint(0, 2**31, ()))), prompt_max=prompt_max)
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,11 @@
-"""Binary / unpaired feedback losses (SPEC §8): KTO, BCO, DRO.
+"""Binary / unpaired feedback losses: KTO, BCO, DRO.
 
 Desirable ("chosen") and undesirable ("rejected") samples are *unpaired*: their batches may differ
 in size, either may be empty. Inputs are per-sequence summed completion log-probs ``[N_D]`` /
 ``[N_U]`` for the policy and the reference. ``losses`` is ``[N_D + N_U]``, desirable first (TRL's
 order), and ``loss`` is its mean (TRL's ``nanmean``; an empty batch gives a differentiable 0).
-Reference log-probs are treated as constants (detached). Arithmetic is float32 (float64 stays
-float64).
+Reference log-probs are treated as constants (detached). Arithmetic is float32, float64 when an
+input is float64; a Python number (``kl=``, ``delta=``) is taken in that dtype directly.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from .._checks import as_float, check_choice, scalar, vec
 from ._common import LossOutput
-from .reference_free import _check_choice, _compute, _vec
 
 __all__ = ["kto_loss", "bco_loss", "dro_loss", "RewardRunningMean", "udm_weights"]
 
@@ -27,10 +27,10 @@ def _unpaired(
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    p_w = _vec("policy_chosen_logps", policy_chosen_logps)
-    p_l = _vec("policy_rejected_logps", policy_rejected_logps)
-    r_w = _vec("ref_chosen_logps", ref_chosen_logps, p_w.shape[0]).detach()
-    r_l = _vec("ref_rejected_logps", ref_rejected_logps, p_l.shape[0]).detach()
+    p_w = vec("policy_chosen_logps", policy_chosen_logps)
+    p_l = vec("policy_rejected_logps", policy_rejected_logps)
+    r_w = vec("ref_chosen_logps", ref_chosen_logps, p_w.shape[0]).detach()
+    r_l = vec("ref_rejected_logps", ref_rejected_logps, p_l.shape[0]).detach()
     return p_w, p_l, r_w, r_l
 
 
@@ -60,6 +60,25 @@ def _mean_or_zero(losses: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
 _KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
+def _kto_reference_point(kl, policy_kl_logps, ref_kl_logps, like: torch.Tensor) -> torch.Tensor:
+    """KTO's detached ``z0 = clamp_min(kl, 0)``: ``kl`` as given (in ``like``'s dtype when it is a
+    Python number), else the mean log-ratio of the mismatched pairs."""
+    if kl is not None:
+        z0 = scalar("kl", kl, like)
+    elif policy_kl_logps is not None and ref_kl_logps is not None:
+        pk = vec("policy_kl_logps", policy_kl_logps)
+        rk = vec("ref_kl_logps", ref_kl_logps, pk.shape[0])
+        if pk.numel() == 0:
+            raise ValueError("policy_kl_logps is empty: z0 needs at least one mismatched pair")
+        z0 = (pk - rk).mean()
+    else:
+        raise ValueError(
+            "loss_type='kto' needs the reference point: policy_kl_logps and ref_kl_logps "
+            "(log-probs of the mismatched pairs), or kl="
+        )
+    return z0.detach().clamp_min(0.0)
+
+
 def kto_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -74,39 +93,29 @@ def kto_loss(
     undesirable_weight: float = 1.0,
     loss_type: Literal["kto", "apo_zero_unpaired"] = "kto",
 ) -> LossOutput:
-    """KTO (SPEC §8.1, TRL ``KTOTrainer``) and its ``apo_zero_unpaired`` variant.
+    """KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization",
+    arXiv:2402.01306; TRL ``KTOTrainer``) and its ``apo_zero_unpaired`` variant (D'Oosterlinck
+    et al. 2024, arXiv:2408.06266).
 
     ``u = S_θ - S_ref`` per sample (desirable ``[N_D]``, undesirable ``[N_U]``).
     Reference point ``z0 = clamp_min(mean_j (S_θ(y'_j|x_j) - S_ref(y'_j|x_j)), 0)``, detached, from
     the mismatched pairs (completions rotated by one within the batch): pass their log-probs
     ``policy_kl_logps`` / ``ref_kl_logps`` ``[M]``, or pass ``kl`` directly (e.g. already averaged
-    over ranks, as TRL does; it is clamped at 0 too).
+    over ranks, as TRL does; it is clamped at 0 too). A float64 ``kl`` (tensor or Python float)
+    with float64 log-probs stays float64.
     ``kto``: desirable ``λ_D σ(-β(u - z0))``, undesirable ``λ_U σ(-β(z0 - u))``.
     ``apo_zero_unpaired``: desirable ``λ_D σ(-βu)``, undesirable ``λ_U σ(βu)``, no z0.
     Defaults are TRL's (β=0.1, λ_D=λ_U=1). Metrics: ``kl`` (z0), ``rewards/chosen`` (mean ``βu``
     of desirable), ``rewards/rejected``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``.
     """
-    _check_choice("loss_type", loss_type, _KTO_LOSS_TYPES)
+    check_choice("loss_type", loss_type, _KTO_LOSS_TYPES)
     p_w, p_l, r_w, r_l = _unpaired(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
     u_w, u_l = p_w - r_w, p_l - r_l
 
     if loss_type == "kto":
-        if kl is not None:
-            z0 = _compute("kl", torch.as_tensor(kl, device=p_w.device).float()).detach().reshape(())
-        elif policy_kl_logps is not None and ref_kl_logps is not None:
-            pk = _vec("policy_kl_logps", policy_kl_logps)
-            rk = _vec("ref_kl_logps", ref_kl_logps, pk.shape[0])
-            if pk.numel() == 0:
-                raise ValueError("policy_kl_logps is empty: z0 needs at least one mismatched pair")
-            z0 = (pk - rk).detach().mean()
-        else:
-            raise ValueError(
-                "loss_type='kto' needs the reference point: policy_kl_logps and ref_kl_logps "
-                "(log-probs of the mismatched pairs), or kl="
-            )
-        z0 = z0.to(u_w.dtype).clamp_min(0.0)
+        z0 = _kto_reference_point(kl, policy_kl_logps, ref_kl_logps, u_w)
         chosen_losses = torch.sigmoid(-beta * (u_w - z0))
         rejected_losses = torch.sigmoid(-beta * (z0 - u_l))
     else:
@@ -121,7 +130,8 @@ def kto_loss(
 
 
 class RewardRunningMean:
-    """Running mean of every implicit reward seen so far: BCO's ``δ`` (SPEC §8.2).
+    """Running mean of every implicit reward seen so far: BCO's ``δ`` (Jung et al. 2024,
+    arXiv:2404.04656; TRL ``RunningMoments``).
 
     ``update(rewards)`` folds a batch in (count-weighted, float64) and returns the new mean. Under
     data parallelism, all-gather the rewards before ``update`` so each rank keeps the same ``δ``.
@@ -144,12 +154,12 @@ class RewardRunningMean:
 def udm_weights(
     prob_desirable: torch.Tensor, *, min_density_ratio: float = 0.5, max_density_ratio: float = 10.0
 ) -> torch.Tensor:
-    """BCO underlying-distribution-matching weights ``clamp(P/(1 - P + 1e-8), min, max)`` (SPEC §8.2).
+    """BCO underlying-distribution-matching weights ``clamp(P/(1 - P + 1e-8), min, max)``.
 
     ``prob_desirable`` ``[N_U]`` is a classifier's P(desirable | prompt embedding) for the
     undesirable samples; pass the result as ``bco_loss(..., rejected_weights=)``. Defaults TRL's.
     """
-    p = _compute("prob_desirable", prob_desirable).detach()
+    p = as_float("prob_desirable", prob_desirable).detach()
     return (p / (1.0 - p + 1e-8)).clamp(min=min_density_ratio, max=max_density_ratio)
 
 
@@ -163,7 +173,8 @@ def bco_loss(
     delta: torch.Tensor | float | RewardRunningMean = 0.0,
     rejected_weights: torch.Tensor | None = None,
 ) -> LossOutput:
-    """Unpaired BCO (SPEC §8.2, TRL ``experimental.bco``).
+    """Unpaired BCO, binary classifier optimisation (Jung et al. 2024, "Binary Classifier
+    Optimization for Large Language Model Alignment", arXiv:2404.04656; TRL ``experimental.bco``).
 
     ``r = β(S_θ - S_ref)``; desirable ``-logσ(r - δ)``, undesirable ``-logσ(-(r - δ))·ω``.
     ``delta``: a number, or a :class:`RewardRunningMean` which is first updated with this batch's
@@ -177,11 +188,11 @@ def bco_loss(
     rew_w, rew_l = beta * (p_w - r_w), beta * (p_l - r_l)
     if isinstance(delta, RewardRunningMean):
         delta = delta.update(torch.cat((rew_w, rew_l)))
-    d = torch.as_tensor(delta, dtype=rew_w.dtype, device=rew_w.device).detach()
+    d = scalar("delta", delta, rew_w).detach()
     chosen_losses = F.softplus(-(rew_w - d))
     rejected_losses = F.softplus(rew_l - d)
     if rejected_weights is not None:
-        rejected_losses = rejected_losses * _vec("rejected_weights", rejected_weights, p_l.shape[0]).detach()
+        rejected_losses = rejected_losses * vec("rejected_weights", rejected_weights, p_l.shape[0]).detach()
     losses = torch.cat((chosen_losses, rejected_losses))
     metrics = {"delta": d.reshape(())}
     metrics.update(_unpaired_metrics(rew_w, rew_l, p_w, p_l))
@@ -197,26 +208,27 @@ def dro_loss(
     tau: float = 1.0,
     value_coef: float = 1.0,
 ) -> LossOutput:
-    """DRO-V, direct reward optimisation on single trajectories (SPEC §8.3).
+    """DRO-V, direct reward optimisation on single trajectories (Richemond et al. 2024, "Offline
+    Regularised Reinforcement Learning for Large Language Models Alignment", arXiv:2405.19107).
 
     Per sample, ``u = S_θ - S_ref`` ``[B]``, scalar feedback ``r`` ``[B]``, value ``V(x)`` ``[B]``:
     ``policy = -S_θ · sg(r - V) + (τ/2) u²`` (whose gradient is ``∇_θ ½(r - V - τu)² / τ``) and
     ``value = ½ (r - V - τ·sg(u))²``; ``losses = policy + value_coef · value``. With
     ``values=None`` the baseline is the batch mean of ``r`` and there is no value term (the
     Kimi k1.5 form). ``tau`` default 1.0 is the survey's reported regularisation; the paper's
-    exact term scaling is unverified (SPEC §16.7). Metrics: ``policy_loss``, ``value_loss``,
+    exact term scaling is not pinned down by the paper's text. Metrics: ``policy_loss``, ``value_loss``,
     ``advantages`` (mean ``r - V``), ``log_ratio`` (mean ``u``).
     """
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
-    s = _vec("policy_logps", policy_logps)
-    u = s - _vec("ref_logps", ref_logps, s.shape[0]).detach()
-    r = _vec("rewards", rewards, s.shape[0])
+    s = vec("policy_logps", policy_logps)
+    u = s - vec("ref_logps", ref_logps, s.shape[0]).detach()
+    r = vec("rewards", rewards, s.shape[0])
     if values is None:
         baseline = r.mean().expand_as(r)
         value_losses = torch.zeros_like(r)
     else:
-        baseline = _vec("values", values, s.shape[0])
+        baseline = vec("values", values, s.shape[0])
         value_losses = 0.5 * (r - baseline - tau * u.detach()) ** 2
     adv = (r - baseline).detach()
     policy_losses = -s * adv + 0.5 * tau * u**2

@@ -1,4 +1,4 @@
-"""Listwise preference losses (SPEC §9): listwise DPO (Plackett–Luce), LiPO, RRHF, PRO.
+"""Listwise preference losses: listwise DPO (Plackett–Luce), LiPO, RRHF, PRO.
 
 A prompt has K responses. Inputs are ``[B, K]`` tensors (per-sequence summed log-probs, token
 counts, labels ψ where higher is better) and an optional boolean ``mask`` ``[B, K]`` marking the
@@ -18,8 +18,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ._common import LossOutput, check_finite
-from .reference_free import _check_choice, _compute
+from .._checks import as_float, check_choice, check_finite
+from ._common import LossOutput
 
 __all__ = ["listwise_dpo_loss", "lipo_loss", "rrhf_loss", "pro_loss"]
 
@@ -66,7 +66,7 @@ def _as_list(name: str, x: ListLike, mask: torch.Tensor | None, *, floating: boo
     if t.dim() != 2:
         raise ValueError(f"{name} must have shape [B, K], got {tuple(t.shape)}")
     if floating:
-        return _compute(name, t)
+        return as_float(name, t)
     if t.is_floating_point():
         check_finite(name, t)
     return t
@@ -115,7 +115,7 @@ def _suffix_logsumexp(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def _plackett_luce_nll(
     scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, top_k: int | None
 ) -> torch.Tensor:
-    """``-Σ_k [s_τ(k) - LSE_{j≥k} s_τ(j)]`` per list ``[B]`` (SPEC §2.5, §9.1), τ = label order."""
+    """Plackett–Luce NLL ``-Σ_k [s_τ(k) - LSE_{j≥k} s_τ(j)]`` per list ``[B]``, τ = label order."""
     order = _sort_by_labels(labels, mask)
     s = scores.gather(1, order)
     m = mask.gather(1, order)
@@ -167,7 +167,8 @@ def listwise_dpo_loss(
     mask: torch.Tensor | None = None,
     top_k: int | None = None,
 ) -> LossOutput:
-    """Listwise DPO / DPO-PL (SPEC §9.1): Plackett–Luce NLL of the label ranking on ``s = β(S_θ - S_ref)``.
+    """Listwise DPO / DPO-PL (Rafailov et al. 2023, arXiv:2305.18290, App. A.3): the Plackett–Luce
+    NLL of the label ranking on ``s = β(S_θ - S_ref)``.
 
     ``ℓ_b = -Σ_k [s_τ(k) - LSE_{j≥k} s_τ(j)]`` with τ = responses by ψ descending; all inputs
     ``[B, K]``. K = 2 is DPO. ``top_k`` keeps only the first ``top_k`` ranking terms (partial
@@ -211,17 +212,18 @@ def lipo_loss(
     loss_type: Literal["lambda", "softmax", "pair_logistic", "pair_hinge", "list_mle"] = "lambda",
     mask: torch.Tensor | None = None,
 ) -> LossOutput:
-    """LiPO learning-to-rank losses on ``s = β(S_θ - S_ref)`` ``[B, K]`` (SPEC §9.2).
+    """LiPO learning-to-rank losses on ``s = β(S_θ - S_ref)`` ``[B, K]`` (Liu et al. 2024, "LiPO:
+    Listwise Preference Optimization through Learning-to-Rank", arXiv:2402.01878).
 
     Sums over the labelled pairs ``ψ_i > ψ_j`` of a list:
     ``pair_logistic``: ``softplus(-(s_i - s_j))``; ``pair_hinge``: ``relu(1 - (s_i - s_j))``;
     ``lambda`` (LiPO-λ): ``Δ_ij · softplus(-(s_i - s_j))`` with ``Δ_ij = |G_i - G_j|·|1/D(τ_i) - 1/D(τ_j)|``,
     ``G = 2^ψ - 1``, ``D(τ) = ln(1 + τ)``, τ the 1-based rank of ``s`` (current model, no grad).
     ``softmax``: ``-Σ_i (ψ_i/Σψ) log softmax(s)_i`` (ψ ≥ 0). ``list_mle``: :func:`listwise_dpo_loss`.
-    Unverified defaults (SPEC §16.8): β = 0.05 (the SLiC/RSO-style small β the paper follows); the
+    Defaults not pinned down by the paper: β = 0.05 (the SLiC/RSO-style small β the paper follows); the
     discount uses the natural log as the paper writes it (log2 would scale Δ by ln 2).
     """
-    _check_choice("loss_type", loss_type, _LIPO_LOSS_TYPES)
+    check_choice("loss_type", loss_type, _LIPO_LOSS_TYPES)
     mask, (p, r, y) = _list_inputs(
         mask, ("policy_logps", policy_logps), ("ref_logps", ref_logps, True), ("labels", labels, False)
     )
@@ -258,7 +260,9 @@ def rrhf_loss(
     rrhf_weight: float = 100.0,
     mask: torch.Tensor | None = None,
 ) -> LossOutput:
-    """RRHF (SPEC §9.3), reference-free ranking + SFT on the best response; inputs ``[B, K]``.
+    """RRHF (Yuan et al. 2023, "RRHF: Rank Responses to Align Language Models with Human Feedback
+    without tears", arXiv:2304.05302; official repo ``GanjinZero/RRHF``), reference-free ranking
+    + SFT on the best response; inputs ``[B, K]``.
 
     ``p_i = S_i / max(1, n_i)^length_penalty``; ``L_rank = Σ_{ψ_i < ψ_j} max(0, p_i - p_j)``;
     ``L_ft = -S_best / max(1, n_best)`` for the top-labelled response (first on ties).
@@ -291,7 +295,8 @@ def pro_loss(
     sft_weight: float = 0.05,
     mask: torch.Tensor | None = None,
 ) -> LossOutput:
-    """PRO, preference ranking optimisation (SPEC §9.4); inputs ``[B, K]``, labels = RM scores.
+    """PRO, preference ranking optimisation (Song et al. 2023, "Preference Ranking Optimization for
+    Human Alignment", arXiv:2306.17492); inputs ``[B, K]``, labels = RM scores.
 
     Responses sorted by score ``r`` descending (y¹ best); ``ρ_i = A_θ(y^i) = S_i / max(1, n_i)``.
     With ``1/T_k^i = r_k - r_i`` (i > k) and ``1/T_k^k = max_{i>k}(r_k - r_i)``:
@@ -299,7 +304,7 @@ def pro_loss(
     products with score differences (the official code's form), so tied scores give a finite 0
     factor instead of a division by zero.
     SFT term: ``sft_weight · (n - 1)² · (-S(y¹))`` with n the list length, the official code's
-    scaling of the summed log-prob of the best response. Unverified (SPEC §16.9): the default
+    scaling of the summed log-prob of the best response. Not pinned down by the paper: the default
     0.05 is the paper's β from memory (the official script's ``--sft_weight`` default is 2).
     Metrics: ``rewards/*`` on ``ρ``, ``pro_loss``, ``sft_loss``.
     """

@@ -1,4 +1,4 @@
-"""Online / self-play preference losses (SPEC §11): online DPO / IPO, XPO, Nash-MD.
+"""Online / self-play preference losses: online DPO / IPO, XPO, Nash-MD.
 
 These take the log-probs of freshly sampled completions plus their scores and do the pairing the
 TRL trainers do (higher score = chosen). SPPO (hard / soft), APO and iterative DPO / DNO are
@@ -11,10 +11,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
-from ._common import LossOutput
-from .reference_free import _check_choice, _compute, _vec
+from .._checks import as_float, check_choice, vec
+from ._common import LossOutput, ipo, logistic, pair_metrics
 
 __all__ = ["online_dpo_loss", "xpo_loss", "nash_md_loss"]
 
@@ -22,14 +21,12 @@ _ONLINE_LOSS_TYPES = ("sigmoid", "ipo")
 
 
 def _pair_loss(logits: torch.Tensor, beta: float, loss_type: str) -> torch.Tensor:
-    """DPO ``softplus(-βΔ)`` or (not length-normalised) IPO ``(Δ - 1/(2β))²`` (SPEC §11.1)."""
-    if loss_type == "sigmoid":
-        return F.softplus(-beta * logits)
-    return (logits - 1.0 / (2.0 * beta)) ** 2
+    """DPO ``softplus(-βΔ)`` or (not length-normalised) IPO ``(Δ - 1/(2β))²``."""
+    return logistic(beta * logits) if loss_type == "sigmoid" else ipo(logits, beta)
 
 
 def _two(name: str, x: torch.Tensor, batch: int | None = None) -> torch.Tensor:
-    x = _compute(name, x)
+    x = as_float(name, x)
     if x.dim() != 2 or x.shape[1] != 2 or (batch is not None and x.shape[0] != batch):
         want = f"[{batch}, 2]" if batch is not None else "[B, 2]"
         raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
@@ -46,7 +43,8 @@ def online_dpo_loss(
     contain_eos: torch.Tensor | None = None,
     missing_eos_penalty: float | None = None,
 ) -> LossOutput:
-    """Online DPO / online IPO (SPEC §11.1, TRL ``experimental.online_dpo``).
+    """Online DPO / online IPO (Guo et al. 2024, "Direct Language Model Alignment from Online AI
+    Feedback", arXiv:2402.04792; TRL ``experimental.online_dpo``).
 
     Two sampled completions per prompt: ``policy_logps``, ``ref_logps``, ``scores`` are ``[B, 2]``
     (summed completion log-probs; rewards). If ``missing_eos_penalty`` is set, it is subtracted
@@ -58,7 +56,7 @@ def online_dpo_loss(
     ``objective/non_score_reward`` (``-β·kl``), ``objective/rlhf_reward``, ``objective/scores``,
     ``objective/scores_margin``, ``val/contain_eos_token``, ``beta``.
     """
-    _check_choice("loss_type", loss_type, _ONLINE_LOSS_TYPES)
+    check_choice("loss_type", loss_type, _ONLINE_LOSS_TYPES)
     p = _two("policy_logps", policy_logps)
     r = _two("ref_logps", ref_logps, p.shape[0]).detach()
     sc = _two("scores", scores, p.shape[0]).detach()
@@ -76,24 +74,19 @@ def online_dpo_loss(
     u_w, u_l = u.gather(1, idx_w).squeeze(1), u.gather(1, idx_l).squeeze(1)
     losses = _pair_loss(u_w - u_l, beta, loss_type)
 
-    cr, rr = beta * u_w.detach(), beta * u_l.detach()
-    kl = u.detach().mean()
-    non_score = (-beta * u.detach()).mean()
-    metrics = {
-        "rewards/chosen": cr.mean(),
-        "rewards/rejected": rr.mean(),
-        "rewards/margins": (cr - rr).mean(),
-        "rewards/accuracies": (cr > rr).to(cr.dtype).mean(),
-        "logps/chosen": p.gather(1, idx_w).detach().mean(),
-        "logps/rejected": p.gather(1, idx_l).detach().mean(),
-        "objective/kl": kl,
-        "objective/entropy": -p.detach().mean(),
-        "objective/non_score_reward": non_score,
-        "objective/rlhf_reward": (sc - beta * u.detach()).mean(),
-        "objective/scores": sc.mean(),
-        "objective/scores_margin": (sc.gather(1, idx_w) - sc.gather(1, idx_l)).mean(),
-        "beta": torch.tensor(float(beta), device=p.device),
-    }
+    u_det = u.detach()
+    metrics = pair_metrics(beta * u_w, beta * u_l, p.gather(1, idx_w), p.gather(1, idx_l))
+    metrics.update(
+        {
+            "objective/kl": u_det.mean(),
+            "objective/entropy": -p.detach().mean(),
+            "objective/non_score_reward": (-beta * u_det).mean(),
+            "objective/rlhf_reward": (sc - beta * u_det).mean(),
+            "objective/scores": sc.mean(),
+            "objective/scores_margin": (sc.gather(1, idx_w) - sc.gather(1, idx_l)).mean(),
+            "beta": torch.tensor(float(beta), dtype=p.dtype, device=p.device),
+        }
+    )
     if contain_eos is not None:
         metrics["val/contain_eos_token"] = contain_eos.float().mean()
     return LossOutput(losses.mean(), losses, metrics)
@@ -112,7 +105,8 @@ def xpo_loss(
     alpha: float = 1e-5,
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid",
 ) -> LossOutput:
-    """XPO, exploratory preference optimisation (SPEC §11.3, TRL ``experimental.xpo``).
+    """XPO, exploratory preference optimisation (Xie et al. 2024, arXiv:2405.21046; TRL
+    ``experimental.xpo``).
 
     One policy sample and one reference-model sample per prompt; all inputs ``[B]`` summed
     completion log-probs: ``model_logps_model_data`` = ``S_θ(y_θ)``, ``model_logps_ref_data`` =
@@ -122,16 +116,16 @@ def xpo_loss(
     (β=0.1, α=1e-5). Metrics: ``loss/dpo``, ``loss/xpo``, ``rewards/*``, ``logps/*``,
     ``objective/kl``, ``objective/entropy``, ``alpha``, ``beta``.
     """
-    _check_choice("loss_type", loss_type, _ONLINE_LOSS_TYPES)
-    mm = _vec("model_logps_model_data", model_logps_model_data)
+    check_choice("loss_type", loss_type, _ONLINE_LOSS_TYPES)
+    mm = vec("model_logps_model_data", model_logps_model_data)
     b = mm.shape[0]
-    mr = _vec("model_logps_ref_data", model_logps_ref_data, b)
-    rm = _vec("ref_logps_model_data", ref_logps_model_data, b).detach()
-    rr = _vec("ref_logps_ref_data", ref_logps_ref_data, b).detach()
+    mr = vec("model_logps_ref_data", model_logps_ref_data, b)
+    rm = vec("ref_logps_model_data", ref_logps_model_data, b).detach()
+    rr = vec("ref_logps_ref_data", ref_logps_ref_data, b).detach()
     if chosen_mask is None:
         if model_scores is None or ref_scores is None:
             raise ValueError("xpo_loss needs chosen_mask, or model_scores and ref_scores")
-        chosen_mask = _vec("model_scores", model_scores, b) >= _vec("ref_scores", ref_scores, b)
+        chosen_mask = vec("model_scores", model_scores, b) >= vec("ref_scores", ref_scores, b)
     elif model_scores is not None or ref_scores is not None:
         raise ValueError("pass either chosen_mask or model_scores/ref_scores, not both")
     if chosen_mask.shape != (b,):
@@ -145,21 +139,17 @@ def xpo_loss(
     xpo = alpha * mr
     losses = dpo + xpo
 
-    cr, rj = beta * u_w.detach(), beta * u_l.detach()
-    metrics = {
-        "loss/dpo": dpo.detach().mean(),
-        "loss/xpo": xpo.detach().mean(),
-        "rewards/chosen": cr.mean(),
-        "rewards/rejected": rj.mean(),
-        "rewards/margins": (cr - rj).mean(),
-        "rewards/accuracies": (cr > rj).to(cr.dtype).mean(),
-        "logps/chosen": torch.where(c, mm, mr).detach().mean(),
-        "logps/rejected": torch.where(c, mr, mm).detach().mean(),
-        "objective/kl": ((u_model + u_ref) / 2).detach().mean(),
-        "objective/entropy": (-(mm + mr) / 2).detach().mean(),
-        "alpha": torch.tensor(float(alpha), device=mm.device),
-        "beta": torch.tensor(float(beta), device=mm.device),
-    }
+    metrics = pair_metrics(beta * u_w, beta * u_l, torch.where(c, mm, mr), torch.where(c, mr, mm))
+    metrics.update(
+        {
+            "loss/dpo": dpo.detach().mean(),
+            "loss/xpo": xpo.detach().mean(),
+            "objective/kl": ((u_model + u_ref) / 2).detach().mean(),
+            "objective/entropy": (-(mm + mr) / 2).detach().mean(),
+            "alpha": torch.tensor(float(alpha), dtype=mm.dtype, device=mm.device),
+            "beta": torch.tensor(float(beta), dtype=mm.dtype, device=mm.device),
+        }
+    )
     return LossOutput(losses.mean(), losses, metrics)
 
 
@@ -173,7 +163,8 @@ def nash_md_loss(
     probability: torch.Tensor | None = None,
     beta: float = 0.1,
 ) -> LossOutput:
-    """Nash-MD's policy loss (SPEC §11.2, TRL ``experimental.nash_md``) on per-token log-probs.
+    """Nash-MD's policy loss (Munos et al. 2023, "Nash Learning from Human Feedback",
+    arXiv:2312.00886; TRL ``experimental.nash_md``) on per-token log-probs.
 
     ``policy_token_logps`` / ``ref_token_logps`` ``[B, T]`` are ``ℓ_θ`` / ``ℓ_ref`` of completions
     sampled from π_θ, ``mask`` ``[B, T]`` their completion tokens. ``P = σ(s(y_θ) - s(y_mix))`` from
@@ -186,10 +177,10 @@ def nash_md_loss(
     ``rewards/probabilities``, ``rewards/chosen|rejected`` (model / mixture scores), ``rewards/margins``
     and ``rewards/accuracies`` (on the log-ratio, as TRL), ``objective/entropy``, ``beta``.
     """
-    lp = _compute("policy_token_logps", policy_token_logps)
+    lp = as_float("policy_token_logps", policy_token_logps)
     if lp.dim() != 2:
         raise ValueError(f"policy_token_logps must have shape [B, T], got {tuple(lp.shape)}")
-    lr = _compute("ref_token_logps", ref_token_logps).detach()
+    lr = as_float("ref_token_logps", ref_token_logps).detach()
     if lr.shape != lp.shape or mask.shape != lp.shape:
         raise ValueError(
             f"ref_token_logps {tuple(lr.shape)} and mask {tuple(mask.shape)} must match "
@@ -200,12 +191,12 @@ def nash_md_loss(
     if probability is None:
         if model_scores is None or mixture_scores is None:
             raise ValueError("nash_md_loss needs probability, or model_scores and mixture_scores")
-        ms, xs = _vec("model_scores", model_scores, b), _vec("mixture_scores", mixture_scores, b)
+        ms, xs = vec("model_scores", model_scores, b), vec("mixture_scores", mixture_scores, b)
         prob = torch.sigmoid(ms - xs).detach()
     else:
         if model_scores is not None or mixture_scores is not None:
             raise ValueError("pass either probability or model_scores/mixture_scores, not both")
-        prob = _vec("probability", probability, b).detach()
+        prob = vec("probability", probability, b).detach()
         ms = xs = None
 
     lp = torch.where(m, lp, torch.zeros_like(lp))
@@ -224,7 +215,7 @@ def nash_md_loss(
         "rewards/margins": margin.mean(),
         "rewards/accuracies": (margin > 0).to(margin.dtype).mean(),
         "objective/entropy": -seq.detach().mean(),
-        "beta": torch.tensor(float(beta), device=lp.device),
+        "beta": torch.tensor(float(beta), dtype=lp.dtype, device=lp.device),
     }
     if ms is not None:
         metrics["rewards/chosen"] = ms.detach().mean()
