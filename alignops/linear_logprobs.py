@@ -23,32 +23,51 @@ import torch
 from ._cross_entropy import Reduction, check_ce_options, reduce_tokens, token_cross_entropy
 from ._ops._common import stats_like
 from ._ops.linear_logprobs import linear_logprobs_fwd_op
-from .kernels._common import LogitOptions, TokenStats, check_linear_inputs, rows_2d
+from .kernels._common import (
+    NOTHING_EXTRA,
+    LogitOptions,
+    StatRequest,
+    TokenStats,
+    check_linear_inputs,
+    rows_2d,
+)
 
 
 class LogProbsOutput(NamedTuple):
-    """Per-token outputs of :func:`linear_logprobs` and :func:`alignops.logprobs`, each float32
-    (float64 for float64 inputs) with the targets' shape.
+    """Per-token outputs of :func:`linear_logprobs` and :func:`alignops.logprobs`, float32 (float64
+    for float64 inputs) with the targets' shape; exactly 0 at ignored positions.
 
-    logps:   ``log p(target)``; exactly 0 at ignored positions.
-    entropy: ``H(p)`` of the full next-token distribution, or ``None`` unless requested.
-    lse:     ``log sum_v exp(z_v)``, or ``None`` unless requested.
+    logps:      ``log p(target)``.
+    entropy:    ``H(p)`` of the full next-token distribution, or ``None`` unless requested.
+    lse:        ``log sum_v exp(z_v)``, or ``None`` unless requested.
+    log_sum_p2: ``log sum_v p_v^2`` (WPO's per-token weight), or ``None`` unless requested.
+    topk_ids / topk_logps: ``[..., K]`` the ``K`` most likely ids (int64, most likely first; -1
+        at ignored positions) and their log-probs (no gradient), or ``None`` unless requested.
+        ``topk_ids[..., 0] == targets`` is "the target is the top-1 token".
     """
 
     logps: torch.Tensor
-    entropy: torch.Tensor | None
-    lse: torch.Tensor | None
+    entropy: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+    log_sum_p2: torch.Tensor | None = None
+    topk_ids: torch.Tensor | None = None
+    topk_logps: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, st: TokenStats, return_lse: bool) -> LogProbsOutput:
+        return cls(
+            st.logp, st.entropy, st.lse if return_lse else None, st.log_sum_p2, st.topk_ids, st.topk_logps
+        )
 
 
 def linear_token_stats(
-    hidden, weight, targets, bias, opts: LogitOptions, *, need_entropy: bool = False, need_zmean: bool = False
+    hidden, weight, targets, bias, opts: LogitOptions, want: StatRequest = NOTHING_EXTRA
 ) -> TokenStats:
     """:class:`TokenStats` with ``targets.shape`` (unrequested fields ``None``), differentiable."""
     check_linear_inputs(hidden, weight, targets, bias)
-    out = linear_logprobs_fwd_op(
-        rows_2d(hidden), weight, targets.reshape(-1).long(), bias, *opts.as_args(), need_entropy, need_zmean
-    )
-    return stats_like(out, targets, need_entropy, need_zmean)
+    want = want.checked(weight.shape[0])
+    h, y = rows_2d(hidden), targets.reshape(-1).long()
+    return stats_like(linear_logprobs_fwd_op(h, weight, y, bias, *opts.as_args(), *want), targets, want)
 
 
 def linear_logprobs(
@@ -63,6 +82,8 @@ def linear_logprobs(
     logit_scale: float = 1.0,
     return_entropy: bool = False,
     return_lse: bool = False,
+    return_log_sum_p2: bool = False,
+    topk: int = 0,
 ) -> LogProbsOutput:
     """Per-token log-probabilities of ``targets`` under ``z = softcap(logit_scale * (hidden @
     weight.T + bias)) / temperature``, without the ``[N, V]`` logits.
@@ -80,16 +101,19 @@ def linear_logprobs(
         temperature: divides the (soft-capped) logits; > 0.
         softcap: Gemma-2 style ``c * tanh(x / c)`` applied to the scaled logits, or ``None``.
         logit_scale: multiplies the raw logits first (a model's logit multiplier); > 0.
-        return_entropy / return_lse: also return those per-token values.
+        return_entropy / return_lse / return_log_sum_p2: also return those per-token values.
+        topk: also return the ``topk`` most likely ids and their log-probs per token (``0 <= topk
+            <= 64``), computed in the same pass.
 
     Returns:
-        ``LogProbsOutput(logps, entropy, lse)``, float32 (float64 for float64 inputs) with
-        ``targets.shape``; exactly 0 at ignored positions. Differentiable with respect to
-        ``hidden``, ``weight`` and ``bias`` for any combination of upstream gradients.
+        :class:`LogProbsOutput`, float32 (float64 for float64 inputs) with ``targets.shape``
+        (``[..., K]`` for the top-k); exactly 0 at ignored positions. Differentiable with respect
+        to ``hidden``, ``weight`` and ``bias`` for any combination of upstream gradients of
+        ``logps``, ``entropy``, ``lse`` and ``log_sum_p2``.
     """
     opts = LogitOptions(ignore_index, logit_scale, softcap, temperature)
-    st = linear_token_stats(hidden, weight, targets, bias, opts, need_entropy=return_entropy)
-    return LogProbsOutput(st.logp, st.entropy, st.lse if return_lse else None)
+    want = StatRequest(entropy=return_entropy, log_sum_p2=return_log_sum_p2, topk=topk)
+    return LogProbsOutput.of(linear_token_stats(hidden, weight, targets, bias, opts, want), return_lse)
 
 
 def linear_cross_entropy(
@@ -122,6 +146,6 @@ def linear_cross_entropy(
     """
     check_ce_options(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, num_items=num_items)
     opts = LogitOptions(ignore_index, logit_scale, softcap, temperature)
-    st = linear_token_stats(hidden, weight, targets, bias, opts, need_zmean=label_smoothing != 0.0)
+    st = linear_token_stats(hidden, weight, targets, bias, opts, StatRequest(zmean=label_smoothing != 0.0))
     ce = token_cross_entropy(st, label_smoothing=label_smoothing, z_loss=z_loss)
     return reduce_tokens(ce, targets != ignore_index, reduction, num_items)

@@ -19,17 +19,18 @@ import torch
 from ._cross_entropy import Reduction, check_ce_options, reduce_tokens, token_cross_entropy
 from ._ops._common import stats_like
 from ._ops.logprobs import logprobs_fwd_op
-from .kernels._common import LogitOptions, TokenStats, check_logits_inputs
+from .kernels._common import NOTHING_EXTRA, LogitOptions, StatRequest, TokenStats, check_logits_inputs
 from .linear_logprobs import LogProbsOutput
 
 
 def token_stats(
-    logits, targets, opts: LogitOptions, *, need_entropy=False, need_zmean=False, inplace_backward=False
+    logits, targets, opts: LogitOptions, want: StatRequest = NOTHING_EXTRA, *, inplace_backward: bool = False
 ) -> TokenStats:
     """:class:`TokenStats` of ``logits [..., V]`` with ``targets.shape``, differentiable."""
     check_logits_inputs(logits, targets)
-    out = logprobs_fwd_op(logits, targets.long(), *opts.as_args(), need_entropy, need_zmean, inplace_backward)
-    return stats_like(out, targets, need_entropy, need_zmean)
+    want = want.checked(logits.shape[-1])
+    out = logprobs_fwd_op(logits, targets.long(), *opts.as_args(), *want, inplace_backward)
+    return stats_like(out, targets, want)
 
 
 def logprobs(
@@ -42,6 +43,8 @@ def logprobs(
     logit_scale: float = 1.0,
     return_entropy: bool = False,
     return_lse: bool = False,
+    return_log_sum_p2: bool = False,
+    topk: int = 0,
     inplace_backward: bool = False,
 ) -> LogProbsOutput:
     """Per-token log-probabilities of ``targets`` under ``softcap(logit_scale * logits) /
@@ -53,18 +56,21 @@ def logprobs(
         targets: ``[...]`` (``= logits.shape[:-1]``) int64 / int32 in ``[0, V)`` or
             ``ignore_index``; out-of-range ids raise (CPU) or assert on the device (CUDA).
         temperature, softcap, logit_scale: as in :func:`alignops.linear_logprobs`.
-        return_entropy / return_lse: also return those per-token values.
+        return_entropy / return_lse / return_log_sum_p2 / topk: as in
+            :func:`alignops.linear_logprobs`.
         inplace_backward: the backward writes the gradient into the logits' storage; only when
             nothing reads the logits afterwards (an autograd node that saved them raises
             PyTorch's "modified by an inplace operation" error).
 
     Returns:
-        ``LogProbsOutput(logps, entropy, lse)``, float32 (float64 for float64 logits) with
+        :class:`~alignops.LogProbsOutput`, float32 (float64 for float64 logits) with
         ``targets.shape``; exactly 0 at ignored positions.
     """
     opts = LogitOptions(ignore_index, logit_scale, softcap, temperature)
-    st = token_stats(logits, targets, opts, need_entropy=return_entropy, inplace_backward=inplace_backward)
-    return LogProbsOutput(st.logp, st.entropy, st.lse if return_lse else None)
+    want = StatRequest(entropy=return_entropy, log_sum_p2=return_log_sum_p2, topk=topk)
+    return LogProbsOutput.of(
+        token_stats(logits, targets, opts, want, inplace_backward=inplace_backward), return_lse
+    )
 
 
 def cross_entropy(
@@ -102,8 +108,7 @@ def cross_entropy(
     """
     check_ce_options(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, num_items=num_items)
     opts = LogitOptions(ignore_index, logit_scale, softcap, temperature)
-    st = token_stats(
-        logits, targets, opts, need_zmean=label_smoothing != 0.0, inplace_backward=inplace_backward
-    )
+    want = StatRequest(zmean=label_smoothing != 0.0)
+    st = token_stats(logits, targets, opts, want, inplace_backward=inplace_backward)
     ce = token_cross_entropy(st, label_smoothing=label_smoothing, z_loss=z_loss)
     return reduce_tokens(ce, targets != ignore_index, reduction, num_items)

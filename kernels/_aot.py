@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ._common import MAX_TOPK
+
 TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 # Integer arguments that real models make multiples of 16 (hidden size, vocab, row strides,
@@ -85,3 +87,30 @@ def aot_spec(
         num_stages=stages,
         label=label,
     )
+
+
+#: Pointer types every family shares: int64 targets and top-k ids, int32 partial top-k ids;
+#: other pointers default to fp32 (a family adds its input-dtype pointers).
+INDEX_POINTERS = {"p_y": "i64", "p_tkid": "i64", "p_topi": "i32"}
+#: The optional statistics of a forward, off (``plain``: log-probs and lse only) or all on
+#: (``full``, with the largest top-k: the most registers).
+OPTIONAL_OUTPUTS = ("p_ent", "p_zmean", "p_lsp2", "p_tkid", "p_tklp")
+#: The optional inputs of a backward (``plain``: only the log-prob gradient).
+OPTIONAL_GRADS = ("p_ent", "p_lsp2", "p_glse", "p_gent", "p_gzmean", "p_glsp2")
+
+
+#: Feature sets of the builds: ``plain`` (log-probs and lse only), ``full`` (every statistic and
+#: gradient, bias and soft-cap where the family has them) and ``full`` with the largest top-k.
+FEATURES = (("plain", False, 0), ("full", True, 0), (f"full top{MAX_TOPK}", True, MAX_TOPK))
+
+
+def stat_constexprs(full: bool, topk: int) -> dict:
+    """Forward request constexprs of a build (``None`` output pointers for what is off)."""
+    cx = {"NEED_ENT": full, "NEED_ZMEAN": full, "NEED_S2": full, "K": topk, "KP": max(topk, 1)}
+    off = () if full else OPTIONAL_OUTPUTS[:3]
+    return cx | dict.fromkeys(off + (() if topk else OPTIONAL_OUTPUTS[3:]))
+
+
+def grad_constexprs(full: bool) -> dict:
+    """Backward constexprs of a ``plain`` build: every optional gradient pointer ``None``."""
+    return {} if full else dict.fromkeys(OPTIONAL_GRADS)

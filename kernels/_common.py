@@ -150,19 +150,56 @@ class LogitOptions:
         return self.ignore_index, self.logit_scale, self.softcap, self.temperature
 
 
+#: Largest top-k the kernels keep per token (a [BN, 64] running list per tile stays in registers).
+MAX_TOPK = 64
+
+
 class TokenStats(NamedTuple):
-    """Per-token statistics of one next-token distribution ``p = softmax(z)``, each ``[N]``:
+    """Per-token statistics of one next-token distribution ``p = softmax(z)``:
 
-    logp:    ``log p[target]``;   lse: ``log sum_v exp(z_v)``;
-    entropy: ``-sum_v p_v log p_v``;   zmean: ``(1 / V) sum_v z_v``.
+    logp:       ``[N]`` ``log p[target]``;                lse:   ``[N]`` ``log sum_v exp(z_v)``;
+    entropy:    ``[N]`` ``-sum_v p_v log p_v``;            zmean: ``[N]`` ``(1 / V) sum_v z_v``;
+    log_sum_p2: ``[N]`` ``log sum_v p_v^2`` (the per-token weight of WPO, Zhou et al., 2024,
+                arXiv:2406.11827; ``-log sum p^2`` is the collision entropy);
+    topk_ids:   ``[N, K]`` int64, the ``K`` most likely ids, most likely first;
+    topk_logps: ``[N, K]`` their log-probabilities (no gradient).
 
-    Also the container of their upstream gradients in the backward. A field is ``None`` when it
-    was not requested (outputs) or its gradient is zero (backward)."""
+    Also the container of the upstream gradients in the backward (of the first five; the top-k
+    fields are side outputs without one). A field is ``None`` when it was not requested
+    (outputs) or its gradient is zero (backward). Ignored rows hold 0 (ids: -1)."""
 
-    logp: torch.Tensor | None
-    lse: torch.Tensor | None
+    logp: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
     zmean: torch.Tensor | None = None
+    log_sum_p2: torch.Tensor | None = None
+    topk_ids: torch.Tensor | None = None
+    topk_logps: torch.Tensor | None = None
+
+
+#: The differentiable fields of :class:`TokenStats`, in order (the backward's upstream gradients).
+GRAD_FIELDS = ("logp", "lse", "entropy", "zmean", "log_sum_p2")
+
+
+class StatRequest(NamedTuple):
+    """Which optional :class:`TokenStats` a forward computes (``logp`` and ``lse`` always are):
+    each costs a little on every call; ``topk = 0`` means none."""
+
+    entropy: bool = False
+    zmean: bool = False
+    log_sum_p2: bool = False
+    topk: int = 0
+
+    def checked(self, vocab: int) -> StatRequest:
+        """Validated against the vocabulary size (clear errors for a bad ``topk``)."""
+        k = self.topk
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= min(MAX_TOPK, vocab):
+            raise ValueError(f"topk must be an int in [0, min({MAX_TOPK}, V={vocab})], got {k!r}")
+        return self
+
+
+#: Log-probs and log-sum-exp only.
+NOTHING_EXTRA = StatRequest()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,6 +264,16 @@ def check_logits_inputs(logits, targets) -> None:
     _check_one_device(logits=logits, targets=targets)
     if logits.shape[-1] > 1 and logits.stride(-1) != 1:
         raise ValueError("logits must have a contiguous last (vocab) dimension; call .contiguous() first")
+
+
+def check_saved(saved: TokenStats, grads: TokenStats) -> None:
+    """A backward needs the forward's ``lse``, and its ``entropy`` / ``log_sum_p2`` where those get a
+    gradient."""
+    if saved.lse is None:
+        raise ValueError("the backward needs the forward's lse")
+    for k in ("entropy", "log_sum_p2"):
+        if getattr(grads, k) is not None and getattr(saved, k) is None:
+            raise ValueError(f"a gradient of {k} needs the forward's {k}")
 
 
 def check_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:

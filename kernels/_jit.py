@@ -19,14 +19,6 @@ def flags_from_none(**flags: str):
     return triton.heuristics({flag: (lambda args, a=arg: args[a] is not None) for flag, arg in flags.items()})
 
 
-#: The flags of the four upstream gradients of a backward kernel, from its pointer arguments.
-GRAD_FLAGS = {
-    "HAS_G_LOGP": "p_glogp",
-    "HAS_G_LSE": "p_glse",
-    "HAS_G_ENT": "p_gent",
-    "HAS_G_ZMEAN": "p_gzmean",
-}
-
 # Running max before the first logits tile: finite, so `exp(m - m')` and `(m - m') * s` stay
 # 0 instead of becoming NaN (-inf * 0); far below any finite logit a matmul can produce.
 NEG_BIG: tl.constexpr = tl.constexpr(-1.0e38)
@@ -113,10 +105,12 @@ def transform_grad(b_dz, b_th, scale, inv_temp, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def online_update(b_m, b_s, b_t, b_z, m_col, NEED_T: tl.constexpr):
+def online_update(acc, b_z, m_col, NEED_T: tl.constexpr, NEED_S2: tl.constexpr):
     """Fold the tile ``z [BN, BV]`` (columns outside ``m_col`` ignored) into the running
-    ``(m, s, t)`` of each row. When the max moves from ``m`` to ``m'`` the old sums rescale by
-    ``a = exp(m - m')``: ``s' = a s``, ``t' = a (t + (m - m') s)``. Returns ``(m', s', t')``."""
+    ``acc = (m, s, t, s2)`` of each row: ``s = sum e``, ``t = sum e (z - m)``, ``s2 = sum e^2`` with
+    ``e = exp(z - m)``. When the max moves from ``m`` to ``m'`` the old sums rescale by
+    ``a = exp(m - m')``: ``s' = a s``, ``t' = a (t + (m - m') s)``, ``s2' = a^2 s2``."""
+    b_m, b_s, b_t, b_s2 = acc
     b_zm = tl.where(m_col, b_z, float("-inf"))
     b_mnew = tl.maximum(b_m, tl.max(b_zm, axis=1))
     b_a = tl.exp(b_m - b_mnew)
@@ -125,30 +119,49 @@ def online_update(b_m, b_s, b_t, b_z, m_col, NEED_T: tl.constexpr):
     if NEED_T:
         # e = 0 (masked column, -inf logit, underflow): the term is 0, never 0 * -inf
         b_t = b_a * (b_t + (b_m - b_mnew) * b_s) + tl.sum(b_e * tl.where(b_e > 0.0, b_zc, 0.0), axis=1)
+    if NEED_S2:
+        b_s2 = b_a * b_a * b_s2 + tl.sum(b_e * b_e, axis=1)
     b_s = b_a * b_s + tl.sum(b_e, axis=1)
-    return b_mnew, b_s, b_t
+    return b_mnew, b_s, b_t, b_s2
 
 
 @triton.jit
-def merge_partials(b_m, b_s, b_t, b_mk, b_sk, b_tk, NEED_T: tl.constexpr):
-    """Merge two partial ``(m, s, t)`` of the same rows (disjoint vocabulary parts)."""
+def merge_partials(acc, part, NEED_T: tl.constexpr, NEED_S2: tl.constexpr):
+    """Merge two partial ``(m, s, t, s2)`` of the same rows (disjoint vocabulary parts)."""
+    b_m, b_s, b_t, b_s2 = acc
+    b_mk, b_sk, b_tk, b_s2k = part
     b_mnew = tl.maximum(b_m, b_mk)
     b_a = tl.exp(b_m - b_mnew)
     b_ak = tl.exp(b_mk - b_mnew)
     if NEED_T:
         b_t = b_a * (b_t + (b_m - b_mnew) * b_s) + b_ak * (b_tk + (b_mk - b_mnew) * b_sk)
+    if NEED_S2:
+        b_s2 = b_a * b_a * b_s2 + b_ak * b_ak * b_s2k
     b_s = b_a * b_s + b_ak * b_sk
-    return b_mnew, b_s, b_t
+    return b_mnew, b_s, b_t, b_s2
 
 
 @triton.jit
-def store_stats(stats, m_valid, o_n, m_n, V, p_out, HAS_ENT: tl.constexpr, HAS_ZMEAN: tl.constexpr):
-    """Write ``(logp, lse, entropy, zmean)`` of each row from its merged ``stats = (m, s, t, z_y,
-    sum z)`` to ``p_out = (p_logp, p_lse, p_ent, p_zmean)``: ``lse = m + log s``, ``entropy =
-    log s - t / s`` (no difference of two numbers of size ``|z|``). Exact zeros at rows outside
-    ``m_valid`` (ignored or past the end), never NaN."""
-    b_m, b_s, b_t, b_zy, b_zsum = stats
-    p_logp, p_lse, p_ent, p_zmean = p_out
+def store_stats(
+    acc,
+    b_zy,
+    b_zsum,
+    m_valid,
+    o_n,
+    m_n,
+    V,
+    p_out,
+    HAS_ENT: tl.constexpr,
+    HAS_ZMEAN: tl.constexpr,
+    HAS_S2: tl.constexpr,
+):
+    """Write ``(logp, lse, entropy, zmean, log_sum_p2)`` of each row from its merged ``acc = (m, s,
+    t, s2)``, target logit and logit sum to ``p_out = (p_logp, p_lse, p_ent, p_zmean, p_lsp2)``:
+    ``lse = m + log s``, ``entropy = log s - t / s`` (no difference of two numbers of size
+    ``|z|``), ``log sum p^2 = log s2 - 2 log s``. Exact zeros at rows outside ``m_valid``
+    (ignored or past the end), never NaN. Returns ``lse``."""
+    b_m, b_s, b_t, b_s2 = acc
+    p_logp, p_lse, p_ent, p_zmean, p_lsp2 = p_out
     b_s = tl.where(m_valid, b_s, 1.0)  # ignored rows may have s = 0: keep log / divide finite
     b_logs = tl.log(b_s)
     b_lse = b_m + b_logs
@@ -158,6 +171,63 @@ def store_stats(stats, m_valid, o_n, m_n, V, p_out, HAS_ENT: tl.constexpr, HAS_Z
         tl.store(p_ent + o_n, tl.where(m_valid, b_logs - b_t / b_s, 0.0), mask=m_n)
     if HAS_ZMEAN:
         tl.store(p_zmean + o_n, tl.where(m_valid, b_zsum / V, 0.0), mask=m_n)
+    if HAS_S2:
+        b_s2 = tl.where(m_valid, b_s2, 1.0)
+        tl.store(p_lsp2 + o_n, tl.where(m_valid, tl.log(b_s2) - 2.0 * b_logs, 0.0), mask=m_n)
+    return b_lse
+
+
+@triton.jit
+def topk_init(BN: tl.constexpr, KP: tl.constexpr, K: tl.constexpr):
+    """An empty running top-k ``(values [BN, KP] fp32, ids [BN, KP] int32)``: the ``K`` real slots
+    hold -inf (any candidate replaces them), the padding slots up to the power of two ``KP`` hold
+    +inf (never the smallest, so never replaced); ids -1."""
+    o_k = tl.arange(0, KP)
+    b_tv = tl.where(o_k[None, :] < K, float("-inf"), float("inf")) + tl.zeros([BN, KP], dtype=tl.float32)
+    return b_tv, tl.full([BN, KP], -1, dtype=tl.int32)
+
+
+@triton.jit
+def topk_merge(b_tv, b_ti, b_cv, b_ci):
+    """Merge candidates ``(b_cv, b_ci) [BN, C]`` (values, int32 ids; -inf for none) into the running
+    top-k of each row (:func:`topk_init`). Each round moves every row's largest remaining
+    candidate into its smallest slot when it is strictly larger; the loop stops as soon as no row
+    has such a candidate, so a tile that cannot change any row's top-k costs one round.
+    Ties keep the earlier entry (deterministic)."""
+    o_c = tl.arange(0, b_cv.shape[1])
+    o_k = tl.arange(0, b_tv.shape[1])
+    b_cmax = tl.max(b_cv, axis=1)
+    b_tmin = tl.min(b_tv, axis=1)
+    go = tl.max((b_cmax > b_tmin).to(tl.int32), axis=0) > 0
+    while go:
+        b_carg = tl.argmax(b_cv, axis=1)
+        b_targ = tl.argmin(b_tv, axis=1)
+        m_pick = o_c[None, :] == b_carg[:, None]
+        b_cid = tl.sum(tl.where(m_pick, b_ci, 0), axis=1)
+        m_slot = (o_k[None, :] == b_targ[:, None]) & (b_cmax > b_tmin)[:, None]
+        b_tv = tl.where(m_slot, b_cmax[:, None], b_tv)
+        b_ti = tl.where(m_slot, b_cid[:, None], b_ti)
+        b_cv = tl.where(m_pick, float("-inf"), b_cv)
+        b_cmax = tl.max(b_cv, axis=1)
+        b_tmin = tl.min(b_tv, axis=1)
+        go = tl.max((b_cmax > b_tmin).to(tl.int32), axis=0) > 0
+    return b_tv, b_ti
+
+
+@triton.jit
+def topk_store(b_tv, b_ti, b_lse, m_valid, o_n, m_n, p_ids, p_logps, K: tl.constexpr):
+    """Store the running top-k sorted, most likely first: ``p_ids [N, K]`` int64 and ``p_logps
+    [N, K] = z - lse``; ids -1 and log-probs 0 at rows outside ``m_valid``."""
+    o_k = tl.arange(0, b_tv.shape[1])
+    b_v = tl.where(o_k[None, :] < K, b_tv, float("-inf"))  # padding slots out
+    o_out = o_n.to(tl.int64) * K
+    for r in tl.static_range(K):
+        b_max = tl.max(b_v, axis=1)
+        m_pick = o_k[None, :] == tl.argmax(b_v, axis=1)[:, None]
+        b_id = tl.sum(tl.where(m_pick, b_ti, 0), axis=1)
+        tl.store(p_ids + o_out + r, tl.where(m_valid, b_id, -1).to(tl.int64), mask=m_n)
+        tl.store(p_logps + o_out + r, tl.where(m_valid, b_max - b_lse, 0.0), mask=m_n)
+        b_v = tl.where(m_pick, float("-inf"), b_v)
 
 
 @triton.jit
@@ -170,38 +240,38 @@ def logit_grad(
     p_stats,
     p_grads,
     V,
-    HAS_G_LOGP: tl.constexpr,
-    HAS_G_LSE: tl.constexpr,
-    HAS_G_ENT: tl.constexpr,
-    HAS_G_ZMEAN: tl.constexpr,
 ):
-    """``dz [BN, BV]`` from per-row upstream gradients of (logp, lse, entropy, zmean)::
+    """``dz [BN, BV]`` from per-row upstream gradients of (logp, lse, entropy, zmean, log_sum_p2)::
 
-        dz = g_logp (onehot - p) + g_lse p - g_ent p (z - E_p z) + g_zmean / V,  E_p z = lse - ent
+        dz = g_logp (onehot - p) + g_lse p - g_ent p (z - E_p z) + g_zmean / V
+             + 2 g_lsp2 (p^2 / sum p^2 - p),                         E_p z = lse - ent
 
     ``m_tile`` masks valid (row, column) pairs (0 elsewhere), ``m_hit`` marks each row's target
-    column; ``p_stats = (p_lse, p_ent)`` point at the forward's statistics, ``p_grads`` at the four
-    upstream gradients ``[N]`` and ``HAS_G_*`` say which are given (a missing one is zero).
-    (Flags stay separate arguments: a tuple of constexprs built in a kernel loses its constexpr
-    status in compiled Triton 3.9, though not under the interpreter.)"""
-    p_lse, p_ent = p_stats
-    p_glogp, p_glse, p_gent, p_gzmean = p_grads
+    column; ``p_stats = (p_lse, p_ent, p_lsp2)`` point at the forward's statistics, ``p_grads`` at
+    the five upstream gradients ``[N]``; a ``None`` pointer (a constexpr, so its branch is not
+    compiled) means that gradient is zero."""
+    p_lse, p_ent, p_lsp2 = p_stats
+    p_glogp, p_glse, p_gent, p_gzmean, p_glsp2 = p_grads
     b_lse = tl.load(p_lse + o_n, mask=m_valid, other=0.0)
     b_p = tl.exp(tl.where(m_tile, b_z - b_lse[:, None], float("-inf")))  # 0 off the tile
     b_coef = tl.zeros_like(b_lse)
-    if HAS_G_LOGP:
+    if p_glogp is not None:
         b_glogp = tl.load(p_glogp + o_n, mask=m_valid, other=0.0)
         b_coef -= b_glogp
-    if HAS_G_LSE:
+    if p_glse is not None:
         b_coef += tl.load(p_glse + o_n, mask=m_valid, other=0.0)
     b_dz = b_p * b_coef[:, None]
-    if HAS_G_ENT:
+    if p_gent is not None:
         b_gent = tl.load(p_gent + o_n, mask=m_valid, other=0.0)
         b_ez = b_lse - tl.load(p_ent + o_n, mask=m_valid, other=0.0)  # E_p z = lse - ent
         # p = 0 (off the tile, -inf logit): the term is 0, never 0 * -inf
         b_dz -= (b_gent[:, None] * b_p) * (tl.where(b_p > 0.0, b_z, 0.0) - b_ez[:, None])
-    if HAS_G_LOGP:
+    if p_glogp is not None:
         b_dz += tl.where(m_hit, b_glogp[:, None], 0.0)
-    if HAS_G_ZMEAN:
+    if p_gzmean is not None:
         b_dz += tl.load(p_gzmean + o_n, mask=m_valid, other=0.0)[:, None] / V
+    if p_glsp2 is not None:
+        b_g2 = 2.0 * tl.load(p_glsp2 + o_n, mask=m_valid, other=0.0)
+        b_inv = tl.exp(-tl.load(p_lsp2 + o_n, mask=m_valid, other=0.0))  # 1 / sum p^2
+        b_dz += (b_g2[:, None] * b_p) * (b_p * b_inv[:, None] - 1.0)
     return tl.where(m_tile, b_dz, 0.0)

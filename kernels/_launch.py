@@ -12,6 +12,7 @@ import os
 import torch
 
 from . import constants as C
+from ._common import StatRequest, TokenStats, check_saved, empty
 
 
 def launch(kernel, grid: tuple[int, ...], **kwargs) -> None:
@@ -78,3 +79,74 @@ def mm_accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> N
         except (TypeError, RuntimeError):
             pass
     acc.addmm_(a.float(), b.float())
+
+
+def option_args(opts) -> dict:
+    """The kernels' scalar arguments of a ``LogitOptions``."""
+    return dict(
+        ignore_index=opts.ignore_index,
+        scale=opts.logit_scale,
+        softcap=opts.softcap,
+        inv_temp=1.0 / opts.temperature,
+    )
+
+
+def stat_outputs(n: int, want: StatRequest, device) -> TokenStats:
+    """Output buffers of a forward: the requested ``[N]`` fp32 statistics and the ``[N, K]`` top-k."""
+
+    def vec_out(need: bool):
+        return empty((n,), dtype=torch.float32, device=device) if need else None
+
+    k = want.topk
+    return TokenStats(
+        vec_out(True),
+        vec_out(True),
+        vec_out(want.entropy),
+        vec_out(want.zmean),
+        vec_out(want.log_sum_p2),
+        empty((n, k), dtype=torch.int64, device=device) if k else None,
+        empty((n, k), dtype=torch.float32, device=device) if k else None,
+    )
+
+
+def stat_args(stats: TokenStats, want: StatRequest) -> dict:
+    """Output pointers and request constexprs of a forward kernel (``KP``: the top-k slots
+    rounded up to a power of two, as ``tl.arange`` needs)."""
+    return dict(
+        p_logp=stats.logp,
+        p_lse=stats.lse,
+        p_ent=stats.entropy,
+        p_zmean=stats.zmean,
+        p_lsp2=stats.log_sum_p2,
+        p_tkid=stats.topk_ids,
+        p_tklp=stats.topk_logps,
+        NEED_ENT=want.entropy,
+        NEED_ZMEAN=want.zmean,
+        NEED_S2=want.log_sum_p2,
+        **topk_args(want),
+    )
+
+
+def topk_args(want: StatRequest) -> dict:
+    return dict(K=want.topk, KP=triton_next_power_of_2(max(want.topk, 1)))
+
+
+def triton_next_power_of_2(x: int) -> int:
+    return 1 << (x - 1).bit_length()
+
+
+def backward_args(saved: TokenStats, grads: TokenStats, n: int) -> dict:
+    """Pointers of a backward kernel: the forward's ``lse`` (and ``entropy`` / ``log_sum_p2`` when
+    their gradient is given) and the upstream gradients, as contiguous fp32 ``[N]`` (``None``:
+    zero gradient, a constexpr for the kernel)."""
+    check_saved(saved, grads)
+    return dict(
+        p_lse=vec(saved.lse, n, "lse"),
+        p_ent=vec(saved.entropy, n, "entropy") if grads.entropy is not None else None,
+        p_lsp2=vec(saved.log_sum_p2, n, "log_sum_p2") if grads.log_sum_p2 is not None else None,
+        p_glogp=vec(grads.logp, n, "grad of logp"),
+        p_glse=vec(grads.lse, n, "grad of lse"),
+        p_gent=vec(grads.entropy, n, "grad of entropy"),
+        p_gzmean=vec(grads.zmean, n, "grad of zmean"),
+        p_glsp2=vec(grads.log_sum_p2, n, "grad of log_sum_p2"),
+    )

@@ -63,6 +63,14 @@ LLP_COMBINE_BN = 128
 LLP_COMBINE_NUM_WARPS = 4
 LLP_COMBINE_NUM_STAGES = 1  # no tl.dot: nothing for the software pipeliner to overlap
 
+# With a top-k side output every program also keeps a running [BN, KP] list of values and ids
+# (KP up to 64) and a [BN, BV] candidate copy. The forward at BN = 64 then reached 255 registers
+# and spilled in the build report; BN <= 32 does not. A 16-row tile gets 4 warps (8 spilled
+# 32-68 bytes at 128 registers). The combine kernel merges splits' lists: 32 rows at 4 warps.
+LLP_BN_TOPK = 32
+LLP_NUM_WARPS_TOPK_SMALL = 4
+LLP_COMBINE_BN_TOPK = 32
+
 # Backward workspace floor, in elements. The backward writes the raw-logit gradient dr of one
 # vocabulary chunk ([N, vocab chunk]) in the matmul dtype, then hands it to two cuBLAS GEMMs.
 # The chunk holds at most max(N * H, this floor) elements:

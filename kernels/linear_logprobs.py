@@ -85,10 +85,26 @@ import triton
 
 from . import _launch
 from . import constants as C
-from ._aot import TRITON_TYPE, AotSpec, aot_spec
-from ._common import LogitOptions, TokenStats, check_linear_inputs, empty
+from ._aot import (
+    FEATURES,
+    INDEX_POINTERS,
+    OPTIONAL_OUTPUTS,
+    TRITON_TYPE,
+    AotSpec,
+    aot_spec,
+    grad_constexprs,
+    stat_constexprs,
+)
+from ._common import (
+    NOTHING_EXTRA,
+    LogitOptions,
+    StatRequest,
+    TokenStats,
+    check_linear_inputs,
+    empty,
+)
 from .linear_logprobs_bwd import _linear_logprobs_bwd_kernel
-from .linear_logprobs_fwd import _linear_logprobs_combine_kernel, _linear_logprobs_fwd_kernel
+from .linear_logprobs_fwd import N_PLANES, _linear_logprobs_combine_kernel, _linear_logprobs_fwd_kernel
 
 __all__ = [
     "AOT_SPECS",
@@ -138,12 +154,23 @@ def _bn_for(n: int, dtype: torch.dtype) -> int:
     return C.LLP_BN_FP32 if dtype == torch.float32 else C.LLP_BN
 
 
-def fwd_config(n: int, v: int, h: int, dtype: torch.dtype) -> FwdConfig:
+def fwd_config(n: int, v: int, h: int, dtype: torch.dtype, topk: int = 0) -> FwdConfig:
     """Default forward config for matmul dtype ``dtype``: ``BN`` 16 for tiny batches, else 64
-    (32 for fp32), ``BV`` 128, ``BD`` 64 for 16-bit / 32 for fp32 (same bytes per row).
-    ``v``, ``h`` are accepted so the heuristic can grow without changing callers."""
+    (32 for fp32), ``BV`` 128, ``BD`` 64 for 16-bit / 32 for fp32 (same bytes per row). With a
+    top-k the running list takes registers: ``BN`` at most ``LLP_BN_TOPK`` and 4 warps for a
+    16-row tile. ``v``, ``h`` are accepted so the heuristic can grow without changing callers."""
     del v, h
-    return FwdConfig(_bn_for(n, dtype), C.LLP_BV, _bd_for(dtype), C.LLP_NUM_WARPS, C.LLP_NUM_STAGES)
+    bn = _bn_for(n, dtype)
+    warps = C.LLP_NUM_WARPS
+    if topk:
+        bn = min(bn, C.LLP_BN_TOPK)
+        warps = C.LLP_NUM_WARPS_TOPK_SMALL if bn == C.LLP_BN_SMALL else warps
+    return FwdConfig(bn, C.LLP_BV, _bd_for(dtype), warps, C.LLP_NUM_STAGES)
+
+
+def combine_bn(topk: int) -> int:
+    """Rows per program of the split-combine kernel (fewer with a top-k: its running list)."""
+    return C.LLP_COMBINE_BN_TOPK if topk else C.LLP_COMBINE_BN
 
 
 def bwd_config(n: int, v: int, h: int, dtype: torch.dtype) -> BwdConfig:
@@ -182,27 +209,17 @@ def _check(hidden, weight, targets, bias) -> tuple[int, int, int, torch.dtype]:
     return hidden.shape[0], weight.shape[0], hidden.shape[1], dot
 
 
-def _opts_args(opts: LogitOptions) -> dict:
-    return dict(
-        ignore_index=opts.ignore_index,
-        scale=opts.logit_scale,
-        softcap=opts.softcap,
-        inv_temp=1.0 / opts.temperature,
-    )
-
-
 def linear_logprobs_fwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
     bias: torch.Tensor | None,
     opts: LogitOptions,
+    want: StatRequest = NOTHING_EXTRA,
     *,
-    need_entropy: bool = False,
-    need_zmean: bool = False,
     config: FwdConfig | None = None,
 ) -> TokenStats:
-    """``TokenStats(logp, lse, entropy | None, zmean | None)``, each ``[N]`` fp32.
+    """The :class:`TokenStats` that ``want`` asks for: ``[N]`` fp32 (top-k ``[N, K]``).
 
     hidden [N, H], weight [V, H] (bf16 / fp16 / fp32; mixed 16-bit / fp32 allowed), targets [N]
     int64, bias [V] or None. Targets must lie in ``[0, V)`` or equal ``opts.ignore_index``;
@@ -210,21 +227,22 @@ def linear_logprobs_fwd(
     overrides the heuristic (benchmarks, tests).
     """
     n, v, h, dot = _check(hidden, weight, targets, bias)
+    want = want.checked(v)
     dev = hidden.device
-    logp = empty((n,), dtype=torch.float32, device=dev)
-    lse = empty((n,), dtype=torch.float32, device=dev)
-    ent = empty((n,), dtype=torch.float32, device=dev) if need_entropy else None
-    zmean = empty((n,), dtype=torch.float32, device=dev) if need_zmean else None
+    stats = _launch.stat_outputs(n, want, dev)
     if n == 0:
-        return TokenStats(logp, lse, ent, zmean)
-    cfg = config or fwd_config(n, v, h, dot)
+        return stats
+    cfg = config or fwd_config(n, v, h, dot, want.topk)
     targets = targets.contiguous()
     n_tb = triton.cdiv(n, cfg.BN)
     n_vb = triton.cdiv(v, cfg.BV)
     splits = cfg.num_splits or _num_splits(n_tb, n_vb, dev)
     blocks_per_split = triton.cdiv(n_vb, max(1, min(splits, n_vb)))
     splits = triton.cdiv(n_vb, blocks_per_split)  # no empty split
-    part = empty((5, splits, n), dtype=torch.float32, device=dev)
+    part = empty((N_PLANES, splits, n), dtype=torch.float32, device=dev)
+    topk = _launch.topk_args(want)
+    topv = empty((splits, n, topk["KP"]), dtype=torch.float32, device=dev) if want.topk else None
+    topi = empty((splits, n, topk["KP"]), dtype=torch.int32, device=dev) if want.topk else None
     _launch.launch(
         _linear_logprobs_fwd_kernel,
         (n_tb, splits),
@@ -233,15 +251,19 @@ def linear_logprobs_fwd(
         p_b=bias,
         p_y=targets,
         p_part=part,
+        p_topv=topv,
+        p_topi=topi,
         N=n,
         V=v,
         H=h,
         stride_hn=hidden.stride(0),
         stride_wv=weight.stride(0),
         blocks_per_split=blocks_per_split,
-        **_opts_args(opts),
-        NEED_ENT=need_entropy,
-        NEED_ZMEAN=need_zmean,
+        **_launch.option_args(opts),
+        NEED_ENT=want.entropy,
+        NEED_ZMEAN=want.zmean,
+        NEED_S2=want.log_sum_p2,
+        **topk,
         **_launch.dot_flags(hidden.dtype, weight.dtype, dot),
         BN=cfg.BN,
         BV=cfg.BV,
@@ -249,24 +271,26 @@ def linear_logprobs_fwd(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+    args = _launch.stat_args(stats, want)
+    for k in ("NEED_ENT", "NEED_ZMEAN", "NEED_S2"):  # the combine kernel reads its outputs' None-ness
+        del args[k]
     _launch.launch(
         _linear_logprobs_combine_kernel,
-        (triton.cdiv(n, C.LLP_COMBINE_BN),),
+        (triton.cdiv(n, combine_bn(want.topk)),),
         p_part=part,
+        p_topv=topv,
+        p_topi=topi,
         p_y=targets,
-        p_logp=logp,
-        p_lse=lse,
-        p_ent=ent,
-        p_zmean=zmean,
         N=n,
         V=v,
         n_splits=splits,
         ignore_index=opts.ignore_index,
-        BN=C.LLP_COMBINE_BN,
+        **args,
+        BN=combine_bn(want.topk),
         num_warps=C.LLP_COMBINE_NUM_WARPS,
         num_stages=C.LLP_COMBINE_NUM_STAGES,
     )
-    return TokenStats(logp, lse, ent, zmean)
+    return stats
 
 
 def linear_logprobs_bwd(
@@ -274,8 +298,7 @@ def linear_logprobs_bwd(
     weight: torch.Tensor,
     targets: torch.Tensor,
     bias: torch.Tensor | None,
-    lse: torch.Tensor,
-    entropy: torch.Tensor | None,
+    saved: TokenStats,
     grads: TokenStats,
     opts: LogitOptions,
     *,
@@ -285,21 +308,18 @@ def linear_logprobs_bwd(
     config: BwdConfig | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dhidden [N, H] | None, dweight [V, H] | None, dbias [V] | None)`` in the dtypes of
-    hidden, weight and bias. ``lse`` (and ``entropy`` when ``grads.entropy`` is given) are the
-    forward's outputs; ``grads`` holds the upstream gradient of each statistic (``None``: zero).
+    hidden, weight and bias, of ``sum_k grads.k . stat_k``; ``saved`` holds the forward's ``lse``
+    (and ``entropy`` / ``log_sum_p2`` where those get a gradient).
     """
     n, v, h, dot = _check(hidden, weight, targets, bias)
     if need_dbias and bias is None:
         raise ValueError("need_dbias=True without a bias")
-    if grads.entropy is not None and entropy is None:
-        raise ValueError("an entropy gradient needs the forward's entropy")
     dev = hidden.device
-    lse, entropy = _launch.vec(lse, n, "lse"), _launch.vec(entropy, n, "entropy")
-    g = TokenStats(*(_launch.vec(x, n, f"grad of {k}") for k, x in zip(TokenStats._fields, grads)))
+    ptrs = _launch.backward_args(saved, grads, n)
     dh = empty((n, h), dtype=hidden.dtype, device=dev) if need_dhidden else None
     dw = empty((v, h), dtype=weight.dtype, device=dev) if need_dweight else None
     db = empty((v,), dtype=bias.dtype, device=dev) if need_dbias else None
-    if n == 0 or all(x is None for x in g):
+    if n == 0 or all(x is None for x in grads):
         for t in (dh, dw, db):
             if t is not None:
                 t.zero_()
@@ -312,17 +332,12 @@ def linear_logprobs_bwd(
         p_w=weight,
         p_b=bias,
         p_y=targets,
-        p_lse=lse,
-        p_ent=entropy if g.entropy is not None else None,
-        p_glogp=g.logp,
-        p_glse=g.lse,
-        p_gent=g.entropy,
-        p_gzmean=g.zmean,
+        **ptrs,
         V=v,
         H=h,
         stride_hn=hidden.stride(0),
         stride_wv=weight.stride(0),
-        **_opts_args(opts),
+        **_launch.option_args(opts),
         **_launch.dot_flags(hidden.dtype, weight.dtype, dot),
         BN=cfg.BN,
         BV=cfg.BV,
@@ -385,35 +400,30 @@ def linear_logprobs_bwd(
 
 
 def _aot_specs() -> list[AotSpec]:
-    """Every kernel at each config the default heuristics pick (BN 16 and 64), bf16 and fp32
-    matmul dtypes (IEEE fp32 dots: torch's default matmul precision), in two feature sets:
-    ``plain`` (log-probs only: no bias / soft-cap / entropy / zmean; backward with the log-prob
-    gradient only) and ``full`` (everything on, bf16 hidden with an fp32 master weight for the
-    bf16 builds: the most registers)."""
+    """Every kernel at each config the default heuristics pick (BN 16 and 64; 16 and 32 with a
+    top-k), bf16 and fp32 matmul dtypes (IEEE fp32 dots: torch's default matmul precision), for
+    the feature sets of ``_aot.FEATURES``; the ``full`` bf16 builds take a bf16 hidden with an
+    fp32 master weight (mixed precision: the most registers)."""
     specs = []
     for dtype in (torch.bfloat16, torch.float32):
         ty = TRITON_TYPE[dtype]
         for n in (C.LLP_SMALL_N_MAX, C.LLP_SMALL_N_MAX + 1):
-            for full in (False, True):
+            for feat, full, topk in FEATURES:
                 mixed = full and dtype != torch.float32
-                ptrs = {"p_h": ty, "p_w": "fp32" if mixed else ty, "p_b": ty, "p_dr": ty, "p_y": "i64"}
+                ptrs = {**INDEX_POINTERS, "p_h": ty, "p_w": "fp32" if mixed else ty, "p_b": ty, "p_dr": ty}
                 common = {"HAS_BIAS": full, "HAS_SOFTCAP": full, "CAST_H": False, "CAST_W": mixed}
                 common |= {"INTERP_BF16": False, "INPUT_PRECISION": "ieee"}
-                if not full:
-                    common |= {"p_b": None, "softcap": None}
-                feat = ("full mixed" if mixed else "full") if full else "plain"
-                for kernel, cfg, extra in (
-                    (
-                        _linear_logprobs_fwd_kernel,
-                        fwd_config(n, 0, 0, dtype),
-                        {"NEED_ENT": full, "NEED_ZMEAN": full},
-                    ),
-                    (_linear_logprobs_bwd_kernel, bwd_config(n, 0, 0, dtype), _bwd_flags(full)),
-                ):
+                common |= {} if full else {"p_b": None, "softcap": None}
+                fwd = {k: x for k, x in stat_constexprs(full, topk).items() if k not in OPTIONAL_OUTPUTS}
+                fwd |= {} if topk else {"p_topv": None, "p_topi": None}
+                builds = [(_linear_logprobs_fwd_kernel, fwd_config(n, 0, 0, dtype, topk), fwd)]
+                if not topk:  # the backward does not depend on the top-k
+                    bwd = grad_constexprs(full) | {"HAS_DB": full} | ({} if full else {"p_db": None})
+                    builds.append((_linear_logprobs_bwd_kernel, bwd_config(n, 0, 0, dtype), bwd))
+                for kernel, cfg, extra in builds:
                     cx = {**common, **extra, "BN": cfg.BN, "BV": cfg.BV, "BD": cfg.BD}
-                    label = (
-                        f"{ty} {feat} BN={cfg.BN} BV={cfg.BV} BD={cfg.BD} w{cfg.num_warps} s{cfg.num_stages}"
-                    )
+                    label = f"{ty} {feat}{' mixed' if mixed else ''} BN={cfg.BN} BV={cfg.BV} BD={cfg.BD}"
+                    label += f" w{cfg.num_warps} s{cfg.num_stages}"
                     specs.append(
                         aot_spec(
                             kernel,
@@ -424,30 +434,17 @@ def _aot_specs() -> list[AotSpec]:
                             label=label,
                         )
                     )
-    for full in (False, True):
-        cx = {"HAS_ENT": full, "HAS_ZMEAN": full, "BN": C.LLP_COMBINE_BN}
-        if not full:
-            cx |= {"p_ent": None, "p_zmean": None}
-        label = f"fp32 {'full' if full else 'plain'} BN={C.LLP_COMBINE_BN} w{C.LLP_COMBINE_NUM_WARPS} s1"
+    for feat, full, topk in FEATURES:
+        cx = {k: x for k, x in stat_constexprs(full, topk).items() if not k.startswith("NEED_")}
+        cx |= {"BN": combine_bn(topk), "HAS_ENT": full, "HAS_ZMEAN": full, "HAS_S2": full}
+        cx |= {} if topk else {"p_topv": None, "p_topi": None}
+        label = f"fp32 {feat} BN={cx['BN']} w{C.LLP_COMBINE_NUM_WARPS} s1"
+        warps, stages = C.LLP_COMBINE_NUM_WARPS, C.LLP_COMBINE_NUM_STAGES
+        kernel = _linear_logprobs_combine_kernel
         specs.append(
-            aot_spec(
-                _linear_logprobs_combine_kernel,
-                cx,
-                pointer_types={"p_y": "i64"},
-                warps=C.LLP_COMBINE_NUM_WARPS,
-                stages=C.LLP_COMBINE_NUM_STAGES,
-                label=label,
-            )
+            aot_spec(kernel, cx, pointer_types=INDEX_POINTERS, warps=warps, stages=stages, label=label)
         )
     return specs
-
-
-def _bwd_flags(full: bool) -> dict:
-    """Backward constexprs: the log-prob gradient always; the others (and db) only in ``full``."""
-    cx = {"HAS_G_LOGP": True} | dict.fromkeys(("HAS_G_LSE", "HAS_G_ENT", "HAS_G_ZMEAN", "HAS_DB"), full)
-    if not full:
-        cx |= dict.fromkeys(("p_ent", "p_glse", "p_gent", "p_gzmean", "p_db"))
-    return cx
 
 
 AOT_SPECS: list[AotSpec] = _aot_specs()

@@ -13,11 +13,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._jit import GRAD_FLAGS, flags_from_none, for_store, logit_grad, transform_grad
+from ._jit import flags_from_none, for_store, logit_grad, transform_grad
 from .linear_logprobs_fwd import _logits_tile
 
 
-@flags_from_none(HAS_BIAS="p_b", HAS_SOFTCAP="softcap", HAS_DB="p_db", **GRAD_FLAGS)
+@flags_from_none(HAS_BIAS="p_b", HAS_SOFTCAP="softcap", HAS_DB="p_db")
 @triton.jit(do_not_specialize=["n_count", "v_lo", "v_count"])
 def _linear_logprobs_bwd_kernel(
     p_h,
@@ -26,10 +26,12 @@ def _linear_logprobs_bwd_kernel(
     p_y,
     p_lse,
     p_ent,
+    p_lsp2,
     p_glogp,
     p_glse,
     p_gent,
     p_gzmean,
+    p_glsp2,
     p_dr,
     p_db,
     n_count,
@@ -47,10 +49,6 @@ def _linear_logprobs_bwd_kernel(
     inv_temp,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
-    HAS_G_LOGP: tl.constexpr,
-    HAS_G_LSE: tl.constexpr,
-    HAS_G_ENT: tl.constexpr,
-    HAS_G_ZMEAN: tl.constexpr,
     HAS_DB: tl.constexpr,
     CAST_H: tl.constexpr,
     CAST_W: tl.constexpr,
@@ -84,10 +82,8 @@ def _linear_logprobs_bwd_kernel(
     )
     m_tile = m_valid[:, None] & m_c[None, :]
     m_hit = o_v[None, :] == b_y[:, None]
-    stats, grads = (p_lse, p_ent), (p_glogp, p_glse, p_gent, p_gzmean)
-    b_dz = logit_grad(
-        b_z, m_tile, m_hit, o_n, m_valid, stats, grads, V, HAS_G_LOGP, HAS_G_LSE, HAS_G_ENT, HAS_G_ZMEAN
-    )
+    stats, grads = (p_lse, p_ent, p_lsp2), (p_glogp, p_glse, p_gent, p_gzmean, p_glsp2)
+    b_dz = logit_grad(b_z, m_tile, m_hit, o_n, m_valid, stats, grads, V)
     b_dr = transform_grad(b_dz, b_th, scale, inv_temp, HAS_SOFTCAP)
 
     p_out = p_dr + o_n[:, None] * stride_dr + o_c[None, :]

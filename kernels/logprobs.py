@@ -46,16 +46,27 @@ import triton.language as tl
 
 from . import _launch
 from . import constants as C
-from ._aot import TRITON_TYPE, AotSpec, aot_spec
-from ._common import LogitOptions, TokenStats, check_logits_inputs, empty, rows_3d, rows_3d_like
+from ._aot import FEATURES, INDEX_POINTERS, TRITON_TYPE, AotSpec, aot_spec, grad_constexprs, stat_constexprs
+from ._common import (
+    NOTHING_EXTRA,
+    LogitOptions,
+    StatRequest,
+    TokenStats,
+    check_logits_inputs,
+    empty,
+    rows_3d,
+    rows_3d_like,
+)
 from ._jit import (
-    GRAD_FLAGS,
     NEG_BIG,
     flags_from_none,
     for_store,
     logit_grad,
     online_update,
     store_stats,
+    topk_init,
+    topk_merge,
+    topk_store,
     transform,
     transform_grad,
 )
@@ -78,6 +89,9 @@ def _logprobs_fwd_kernel(
     p_lse,
     p_ent,
     p_zmean,
+    p_lsp2,
+    p_tkid,
+    p_tklp,
     N,
     T_inner,
     V,
@@ -89,11 +103,15 @@ def _logprobs_fwd_kernel(
     inv_temp,
     NEED_ENT: tl.constexpr,
     NEED_ZMEAN: tl.constexpr,
+    NEED_S2: tl.constexpr,
+    K: tl.constexpr,
+    KP: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     BN: tl.constexpr,
     BV: tl.constexpr,
 ):
-    """``BN`` rows: logp, lse (and entropy, zmean) [N] fp32, exact zeros at ignored rows."""
+    """``BN`` rows: logp, lse (and entropy, zmean, log sum p^2) [N] fp32 and the sorted top-k
+    [N, K]; exact zeros (ids -1) at ignored rows."""
     # int64: row offsets reach N * V > 2**31 for long batches with 150k vocabularies
     i_n = tl.program_id(0).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -103,27 +121,32 @@ def _logprobs_fwd_kernel(
     p_row = _row_pointers(p_x, o_n, T_inner, stride_xb, stride_xt)
     v_stop = tl.where(tl.sum(m_valid.to(tl.int32)) > 0, V, 0)  # all rows ignored: no read
 
-    b_m = tl.full([BN], NEG_BIG, dtype=tl.float32)
-    b_s = tl.zeros([BN], dtype=tl.float32)
-    b_t = tl.zeros([BN], dtype=tl.float32)
-    b_zsum = tl.zeros([BN], dtype=tl.float32)
+    zero = tl.zeros([BN], dtype=tl.float32)
+    acc = (zero + NEG_BIG, zero, zero, zero)  # (m, s, t, s2)
+    b_zsum = zero
+    b_tv, b_ti = topk_init(BN, KP, K)
     for v0 in range(0, v_stop, BV):
         o_v = v0 + tl.arange(0, BV)
         m_tile = m_valid[:, None] & (o_v < V)[None, :]
         b_x = tl.load(p_row[:, None] + o_v[None, :], mask=m_tile, other=0.0).to(tl.float32)
         b_z, _ = transform(b_x, scale, softcap, inv_temp, HAS_SOFTCAP)
-        b_m, b_s, b_t = online_update(b_m, b_s, b_t, b_z, m_tile, NEED_ENT)
+        acc = online_update(acc, b_z, m_tile, NEED_ENT, NEED_S2)
         if NEED_ZMEAN:
             b_zsum += tl.sum(tl.where(m_tile, b_z, 0.0), axis=1)
+        if K > 0:
+            b_cv = tl.where(m_tile, b_z, float("-inf"))
+            b_tv, b_ti = topk_merge(b_tv, b_ti, b_cv, o_v.to(tl.int32)[None, :])
     # target logit: one element per row (index 0 for ignored rows, result discarded)
     b_xy = tl.load(p_row + tl.where(m_valid, b_y, 0), mask=m_valid, other=0.0).to(tl.float32)
     b_zy, _ = transform(b_xy, scale, softcap, inv_temp, HAS_SOFTCAP)
 
-    stats, p_out = (b_m, b_s, b_t, b_zy, b_zsum), (p_logp, p_lse, p_ent, p_zmean)
-    store_stats(stats, m_valid, o_n, m_n, V, p_out, NEED_ENT, NEED_ZMEAN)
+    p_out = (p_logp, p_lse, p_ent, p_zmean, p_lsp2)
+    b_lse = store_stats(acc, b_zy, b_zsum, m_valid, o_n, m_n, V, p_out, NEED_ENT, NEED_ZMEAN, NEED_S2)
+    if K > 0:
+        topk_store(b_tv, b_ti, b_lse, m_valid, o_n, m_n, p_tkid, p_tklp, K)
 
 
-@flags_from_none(HAS_SOFTCAP="softcap", **GRAD_FLAGS)
+@flags_from_none(HAS_SOFTCAP="softcap")
 @triton.jit(do_not_specialize=["N", "T_inner"])
 def _logprobs_bwd_kernel(
     p_x,
@@ -131,10 +154,12 @@ def _logprobs_bwd_kernel(
     p_y,
     p_lse,
     p_ent,
+    p_lsp2,
     p_glogp,
     p_glse,
     p_gent,
     p_gzmean,
+    p_glsp2,
     N,
     T_inner,
     V,
@@ -147,10 +172,6 @@ def _logprobs_bwd_kernel(
     softcap,
     inv_temp,
     HAS_SOFTCAP: tl.constexpr,
-    HAS_G_LOGP: tl.constexpr,
-    HAS_G_LSE: tl.constexpr,
-    HAS_G_ENT: tl.constexpr,
-    HAS_G_ZMEAN: tl.constexpr,
     INTERP_BF16: tl.constexpr,
     BN: tl.constexpr,
     BV: tl.constexpr,
@@ -171,10 +192,8 @@ def _logprobs_bwd_kernel(
     b_z, b_th = transform(b_x, scale, softcap, inv_temp, HAS_SOFTCAP)
 
     m_hit = o_v[None, :] == b_y[:, None]
-    stats, grads = (p_lse, p_ent), (p_glogp, p_glse, p_gent, p_gzmean)
-    b_dz = logit_grad(
-        b_z, m_tile, m_hit, o_n, m_valid, stats, grads, V, HAS_G_LOGP, HAS_G_LSE, HAS_G_ENT, HAS_G_ZMEAN
-    )
+    stats, grads = (p_lse, p_ent, p_lsp2), (p_glogp, p_glse, p_gent, p_gzmean, p_glsp2)
+    b_dz = logit_grad(b_z, m_tile, m_hit, o_n, m_valid, stats, grads, V)
     b_dx = transform_grad(b_dz, b_th, scale, inv_temp, HAS_SOFTCAP)
     p_drow = _row_pointers(p_dx, o_n, T_inner, stride_dxb, stride_dxt)
     m_out = m_n[:, None] & m_v[None, :]
@@ -203,85 +222,65 @@ def _layout(x3: torch.Tensor) -> dict:
     return dict(T_inner=t, stride_b=x3.stride(0) if b > 1 else 0, stride_t=x3.stride(1) if t > 1 else 0)
 
 
-def _opts_args(opts: LogitOptions) -> dict:
-    return dict(
-        ignore_index=opts.ignore_index,
-        scale=opts.logit_scale,
-        softcap=opts.softcap,
-        inv_temp=1.0 / opts.temperature,
-    )
-
-
 def logprobs_fwd(
     logits: torch.Tensor,
     targets: torch.Tensor,
     opts: LogitOptions,
-    *,
-    need_entropy: bool = False,
-    need_zmean: bool = False,
+    want: StatRequest = NOTHING_EXTRA,
 ) -> TokenStats:
-    """``TokenStats(logp, lse, entropy | None, zmean | None)``, each ``[N]`` fp32.
+    """The :class:`TokenStats` that ``want`` asks for: ``[N]`` fp32 (top-k ``[N, K]``).
 
     logits ``[..., V]`` (fp16 / bf16 / fp32, unit vocab stride, any other strides), targets
     ``[...]`` int (its leading dims). Targets must lie in ``[0, V)`` or equal
     ``opts.ignore_index`` (not checked here: it would need a device sync; the caller checks).
     """
     x3 = _check(logits, targets)
-    n, v, dev = targets.numel(), x3.shape[-1], logits.device
-    lay = _layout(x3)
-    logp = empty((n,), dtype=torch.float32, device=dev)
-    lse = empty((n,), dtype=torch.float32, device=dev)
-    ent = empty((n,), dtype=torch.float32, device=dev) if need_entropy else None
-    zmean = empty((n,), dtype=torch.float32, device=dev) if need_zmean else None
+    n, v = targets.numel(), x3.shape[-1]
+    want = want.checked(v)
+    stats = _launch.stat_outputs(n, want, logits.device)
     if n:
+        lay = _layout(x3)
         _launch.launch(
             _logprobs_fwd_kernel,
             (triton.cdiv(n, C.LP_FWD_BN),),
             p_x=x3,
             p_y=targets.reshape(-1),
-            p_logp=logp,
-            p_lse=lse,
-            p_ent=ent,
-            p_zmean=zmean,
             N=n,
             T_inner=lay["T_inner"],
             V=v,
             stride_xb=lay["stride_b"],
             stride_xt=lay["stride_t"],
-            **_opts_args(opts),
-            NEED_ENT=need_entropy,
-            NEED_ZMEAN=need_zmean,
+            **_launch.option_args(opts),
+            **_launch.stat_args(stats, want),
             BN=C.LP_FWD_BN,
             BV=C.LP_FWD_BV,
             num_warps=C.LP_FWD_NUM_WARPS,
             num_stages=C.LP_NUM_STAGES,
         )
-    return TokenStats(logp, lse, ent, zmean)
+    return stats
 
 
 def logprobs_bwd(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor | None,
+    saved: TokenStats,
     grads: TokenStats,
     opts: LogitOptions,
     *,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gradient with respect to the logits (their shape and dtype) of ``sum_n g_k[n] stat_k[n]``
-    over the statistics of :func:`logprobs_fwd`. ``out`` (the logits' shape and dtype, unit
-    vocab stride) receives it and may be ``logits`` itself (in-place backward); otherwise a new
-    tensor is returned."""
+    """Gradient with respect to the logits (their shape and dtype) of ``sum_k grads.k . stat_k``
+    over the statistics of :func:`logprobs_fwd`; ``saved`` holds the forward's ``lse`` (and
+    ``entropy`` / ``log_sum_p2`` where those get a gradient). ``out`` (the logits' shape and dtype,
+    unit vocab stride) receives it and may be ``logits`` itself (in-place backward); otherwise a
+    new tensor is returned."""
     x3 = _check(logits, targets)
     n, v = targets.numel(), x3.shape[-1]
-    if grads.entropy is not None and entropy is None:
-        raise ValueError("an entropy gradient needs the forward's entropy")
     if out is None:
         out = empty(tuple(logits.shape), dtype=logits.dtype, device=logits.device)
     elif out.shape != logits.shape or out.dtype != logits.dtype or (v > 1 and out.stride(-1) != 1):
         raise ValueError("out must have the logits' shape and dtype and a unit vocab stride")
-    g = TokenStats(*(_launch.vec(x, n, f"grad of {k}") for k, x in zip(TokenStats._fields, grads)))
+    ptrs = _launch.backward_args(saved, grads, n)
     if n == 0:
         return out
     d3, lay = rows_3d_like(out, x3), _layout(x3)
@@ -292,12 +291,7 @@ def logprobs_bwd(
         p_x=x3,
         p_dx=d3,
         p_y=targets.reshape(-1),
-        p_lse=_launch.vec(lse, n, "lse"),
-        p_ent=_launch.vec(entropy, n, "entropy") if g.entropy is not None else None,
-        p_glogp=g.logp,
-        p_glse=g.lse,
-        p_gent=g.entropy,
-        p_gzmean=g.zmean,
+        **ptrs,
         N=n,
         T_inner=lay["T_inner"],
         V=v,
@@ -305,7 +299,7 @@ def logprobs_bwd(
         stride_xt=lay["stride_t"],
         stride_dxb=dlay["stride_b"],
         stride_dxt=dlay["stride_t"],
-        **_opts_args(opts),
+        **_launch.option_args(opts),
         INTERP_BF16=_launch.interpreting() and logits.dtype == torch.bfloat16,
         BN=C.LP_BWD_BN,
         BV=C.LP_BWD_BV,
@@ -321,27 +315,23 @@ def logprobs_bwd(
 
 
 def _aot_specs() -> list[AotSpec]:
-    """bf16 and fp32 logits, ``plain`` (log-probs and lse only, no soft-cap; the cross-entropy
-    case) and ``full`` (soft-cap, entropy, zmean and every upstream gradient: the most
-    registers). fp16 compiles to the same code as bf16 but for the conversion instruction."""
+    """bf16 and fp32 logits for the feature sets of ``_aot.FEATURES`` (``full``: soft-cap, every
+    statistic and upstream gradient). fp16 compiles to the same code as bf16 but for the
+    conversion instruction."""
     specs = []
     for dtype in (torch.bfloat16, torch.float32):
         ty = TRITON_TYPE[dtype]
-        ptrs = {"p_x": ty, "p_dx": ty, "p_y": "i64"}
-        for full in (False, True):
-            feat = "full" if full else "plain"
-            cap = {} if full else {"softcap": None}
-            fwd = {**cap, "HAS_SOFTCAP": full, "NEED_ENT": full, "NEED_ZMEAN": full}
-            fwd |= {"BN": C.LP_FWD_BN, "BV": C.LP_FWD_BV}
-            bwd = {**cap, "HAS_SOFTCAP": full, "HAS_G_LOGP": True, "INTERP_BF16": False}
-            bwd |= {"BN": C.LP_BWD_BN, "BV": C.LP_BWD_BV}
-            bwd |= dict.fromkeys(("HAS_G_LSE", "HAS_G_ENT", "HAS_G_ZMEAN"), full)
-            if not full:
-                bwd |= dict.fromkeys(("p_ent", "p_glse", "p_gent", "p_gzmean"))
-            for kernel, cx, warps, bv in (
-                (_logprobs_fwd_kernel, fwd, C.LP_FWD_NUM_WARPS, C.LP_FWD_BV),
-                (_logprobs_bwd_kernel, bwd, C.LP_BWD_NUM_WARPS, C.LP_BWD_BV),
-            ):
+        ptrs = {**INDEX_POINTERS, "p_x": ty, "p_dx": ty}
+        for feat, full, topk in FEATURES:
+            cap = {"HAS_SOFTCAP": full} | ({} if full else {"softcap": None})
+            fwd = cap | stat_constexprs(full, topk) | {"BN": C.LP_FWD_BN, "BV": C.LP_FWD_BV}
+            builds = [(_logprobs_fwd_kernel, fwd, C.LP_FWD_NUM_WARPS, C.LP_FWD_BV)]
+            if not topk:  # the backward does not depend on the top-k
+                bwd = (
+                    cap | grad_constexprs(full) | {"INTERP_BF16": False, "BN": C.LP_BWD_BN, "BV": C.LP_BWD_BV}
+                )
+                builds.append((_logprobs_bwd_kernel, bwd, C.LP_BWD_NUM_WARPS, C.LP_BWD_BV))
+            for kernel, cx, warps, bv in builds:
                 label = f"{ty} {feat} BV={bv} w{warps}"
                 specs.append(
                     aot_spec(kernel, cx, pointer_types=ptrs, warps=warps, stages=C.LP_NUM_STAGES, label=label)

@@ -155,12 +155,32 @@ def test_arch_parsing():
     assert build_report.main(["--arch", "sm_90"]) == 2
 
 
-def test_every_package_kernel_builds_for_both_archs(tmp_path):
-    """The real command, as a user runs it, over every AOT spec of ``alignops.kernels``."""
+@pytest.mark.parametrize(
+    "only",
+    [
+        pytest.param("kernels.logprobs.", id="one-family"),
+        # every kernel of the package: about 8 minutes on 2 cores without Triton's cache
+        pytest.param(None, id="every-kernel", marks=pytest.mark.slow),
+    ],
+)
+def test_package_kernels_build_for_both_archs(tmp_path, only):
+    """The real command, as a user runs it, over the AOT specs of ``alignops.kernels`` (one
+    family in the default run; all of them with ``-m slow``): zero spills, every row reported."""
     out = tmp_path / "all.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    select = [] if only is None else ["--kernel", only]
     proc = subprocess.run(
-        [sys.executable, "-m", "alignops.cli", "kernels", "--arch", ",".join(ARCHS), "--json", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "alignops.cli",
+            "kernels",
+            "--arch",
+            ",".join(ARCHS),
+            "--json",
+            str(out),
+            *select,
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -173,6 +193,8 @@ def test_every_package_kernel_builds_for_both_archs(tmp_path):
     specs, failed = build_report.discover()
     assert failed == []
     assert {"alignops.kernels.linear_logprobs", "alignops.kernels.logprobs"} <= {m for m, _, _ in specs}
+    if only is not None:
+        specs = [(m, i, s) for m, i, s in specs if only in f"{m}.{s.name}"]
     want = sorted((m, s.name, build_report._label(s), a) for m, _, s in specs for a in ARCHS)
     got = sorted((r["module"], r["kernel"], r["config"], r["arch"]) for r in payload["rows"])
     assert got == want

@@ -22,7 +22,7 @@ from alignops.reference import (
     linear_logprobs_ref,
     logits_ref,
 )
-from tests._assert import assert_close, assert_close_lowp
+from tests._assert import assert_close, assert_close_lowp, assert_topk
 
 SHAPES = [
     pytest.param(257, 96, 1031, id="N257-H96-V1031"),
@@ -209,7 +209,7 @@ def test_all_ignored_and_empty_are_finite_zero():
         gh, gw, gb = torch.autograd.grad(loss * 3.0, (hid, w, b))
         assert gh.abs().max() == 0 and gw.abs().max() == 0 and gb.abs().max() == 0
     out = alignops.linear_logprobs(hid, w, y_all, return_entropy=True, return_lse=True)
-    assert all((t == 0).all() for t in out)
+    assert all((t == 0).all() for t in out if t is not None)
     empty_h = torch.randn(0, 6, dtype=torch.float64, requires_grad=True)
     empty_y = torch.zeros(0, dtype=torch.long)
     loss = alignops.linear_cross_entropy(empty_h, w, empty_y)
@@ -396,3 +396,34 @@ def test_n_times_v_above_2_pow_31_cpu():
         assert_close("dh block", gz @ w.detach().double(), gh[s : s + 2048], atol=1e-3, rtol=1e-4)
     assert_close("logps", ref_lp, out, atol=1e-3, rtol=1e-5)
     assert_close("dweight", ref_gw, gw, atol=1e-2, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 7, 64])
+def test_side_outputs_log_sum_p2_and_topk(k, workspace):
+    """``log sum p^2`` (value and gradient, with a random upstream gradient) and the top-k ids and
+    log-probs against float64 full logits; ``topk_ids[:, 0] == targets`` is TRL's is-top-1."""
+    n, h, v = 41, 12, 301
+    hid, w, b, y = _inputs(n, h, v, bias=True, scale=3.0)
+    kw = dict(bias=b, softcap=4.0, temperature=0.8, logit_scale=1.2)
+    out = alignops.linear_logprobs(hid, w, y, return_log_sum_p2=True, topk=k, **kw)
+    z = logits_ref(hid, w, b, softcap=4.0, temperature=0.8, logit_scale=1.2)
+    valid = y != -100
+    ref = torch.where(valid, torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1), 0.0)
+    assert_close("log_sum_p2", ref, out.log_sum_p2, atol=1e-10)
+    logprobs = torch.log_softmax(z, -1).detach()
+    assert_topk("topk", logprobs, out.topk_ids, out.topk_logps, valid, atol=1e-10)
+    assert not out.topk_logps.requires_grad
+    g = torch.randn(n, dtype=torch.float64)
+    got = torch.autograd.grad((out.log_sum_p2 * g).sum(), (hid, w, b))
+    want = torch.autograd.grad((ref * g).sum(), (hid, w, b))
+    for name, a, c in zip(("dhidden", "dweight", "dbias"), want, got):
+        assert_close(name, a, c, atol=1e-10, rtol=1e-9)
+    top1 = out.topk_ids[:, 0] == y
+    assert torch.equal(top1[valid], (logprobs.argmax(-1) == y)[valid])
+
+
+def test_topk_bad_values_raise():
+    hid, w, _, y = _inputs(5, 4, 12, dtype=torch.float32)
+    for k in (-1, 13, 65, 2.0, True):
+        with pytest.raises(ValueError, match="topk"):
+            alignops.linear_logprobs(hid, w, y, topk=k)

@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from _assert import assert_close
+from _assert import assert_close, assert_topk
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -216,18 +216,27 @@ def test_logprobs_entropy_lse_against_reference(opt):
     x[0, 2, :100] = -math.inf  # a masked vocabulary: entropy and gradient stay finite
     y[0, 2] = 200
     xr = x.detach().clone().requires_grad_()
-    out = alignops.logprobs(xr, y, return_entropy=True, return_lse=True, **opt)
-    g = [_grad_out(y.shape, seed=s) for s in (15, 16, 17)]
-    sum((o * gi.float()).sum() for o, gi in zip(out, g)).backward()
+    out = alignops.logprobs(
+        xr, y, return_entropy=True, return_lse=True, return_log_sum_p2=True, topk=6, **opt
+    )
+    outs = (out.logps, out.entropy, out.lse, out.log_sum_p2)
+    g = [_grad_out(y.shape, seed=s) for s in (15, 16, 17, 18)]
+    sum((o * gi.float()).sum() for o, gi in zip(outs, g)).backward()
     # the reference sees -1e4 for -inf: identical statistics, no 0 * inf in autograd
     x64 = x.detach().double().nan_to_num(neginf=-1e4).requires_grad_()
     ref = logprobs_ref(x64, y, **opt)
+    z = alignops.reference.transform_ref(x64, **opt)
+    lsp2 = torch.where(y != IGNORE, torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1), 0.0)
+    ref = (*ref, lsp2)
     sum((o * gi).sum() for o, gi in zip(ref, g)).backward()
-    for name, a, b in zip(("logps", "entropy", "lse"), ref, out):
+    for name, a, b in zip(("logps", "entropy", "lse", "log_sum_p2"), ref, outs):
         assert b.dtype == torch.float32 and b.shape == y.shape
         assert_close(name, a.detach(), b.detach(), atol=1e-5, rtol=1e-5)
         assert (b[y == IGNORE] == 0).all()
     _check_grad("grad", x64.grad, xr.grad, torch.float32)
+    logprobs = torch.log_softmax(z, -1).detach().reshape(-1, z.shape[-1])
+    ids, lps = out.topk_ids.reshape(-1, 6), out.topk_logps.reshape(-1, 6)
+    assert_topk("topk", logprobs, ids, lps, (y != IGNORE).reshape(-1), atol=1e-5)
 
 
 class _NewStorages(TorchDispatchMode):

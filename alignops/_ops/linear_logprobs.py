@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .._dispatch import engine
-from ..kernels._common import check_targets_in_range
+from ..kernels._common import StatRequest, check_targets_in_range
 from . import _common as c
 
 _INPUTS = "Tensor hidden, Tensor weight, Tensor targets, Tensor? bias"
@@ -14,27 +14,26 @@ _NEEDS = "bool need_dhidden, bool need_dweight, bool need_dbias"
 
 
 def _fwd(hidden, weight, targets, bias, *args):
-    """``(logp, lse, entropy, zmean)`` per row of ``hidden [N, H]``; 0-element when not asked."""
-    *opts, need_entropy, need_zmean = args
+    """The seven :class:`TokenStats` tensors per row of ``hidden [N, H]``; 0-element when not asked."""
+    opts, want = args[:4], StatRequest(*args[4:])
     # inside the op, so torch.compile never traces the data-dependent check
     check_targets_in_range(targets, weight.shape[0], opts[0])
     stats = engine("linear_logprobs", hidden).linear_logprobs_fwd(
-        hidden, weight, targets, bias, c.options(opts), need_entropy=need_entropy, need_zmean=need_zmean
+        hidden, weight, targets, bias, c.options(opts), want
     )
     return c.pack_stats(stats)
 
 
-def _bwd(hidden, weight, targets, bias, lse, entropy, *args):
+def _bwd(hidden, weight, targets, bias, lse, entropy, log_sum_p2, *args):
     """``(dhidden, dweight, dbias)``; 0-element tensors for the ones not needed."""
-    n = hidden.shape[0]
-    grads, opts, (need_dh, need_dw, need_db) = args[:4], args[4:8], args[8:]
+    n, k = hidden.shape[0], len(c.GRAD_FIELDS)
+    grads, opts, (need_dh, need_dw, need_db) = args[:k], args[k : k + 4], args[k + 4 :]
     dh, dw, db = engine("linear_logprobs", hidden).linear_logprobs_bwd(
         hidden,
         weight,
         targets,
         bias,
-        lse,
-        c.unpack(entropy, n),
+        c.unpack_saved(n, lse, entropy, log_sum_p2),
         c.unpack_grads(n, grads),
         c.options(opts),
         need_dhidden=need_dh,
@@ -45,19 +44,19 @@ def _bwd(hidden, weight, targets, bias, lse, entropy, *args):
 
 
 linear_logprobs_fwd_op = c.custom_op(
-    "linear_logprobs_fwd", _fwd, f"{_INPUTS}, {c.OPTIONS}, bool need_entropy, bool need_zmean", c.STATS
+    "linear_logprobs_fwd", _fwd, f"{_INPUTS}, {c.OPTIONS}, {c.REQUEST}", c.STATS
 )
 linear_logprobs_bwd_op = c.custom_op(
     "linear_logprobs_bwd",
     _bwd,
-    f"{_INPUTS}, Tensor lse, Tensor entropy, {c.GRADS}, {c.OPTIONS}, {_NEEDS}",
+    f"{_INPUTS}, {c.SAVED}, {c.GRADS}, {c.OPTIONS}, {_NEEDS}",
     "(Tensor, Tensor, Tensor)",
 )
 
 
 @linear_logprobs_fwd_op.register_fake
 def _(hidden, weight, targets, bias, *args):
-    return c.fake_stats(hidden, hidden.shape[0], *args[-2:])
+    return c.fake_stats(hidden, hidden.shape[0], StatRequest(*args[4:]))
 
 
 @linear_logprobs_bwd_op.register_fake
@@ -73,17 +72,19 @@ def _(hidden, weight, targets, bias, *args):
 def _setup_context(ctx, inputs, output):
     hidden, weight, targets, bias, *args = inputs
     ctx.opts, ctx.n_options = tuple(args[:4]), len(args)
-    ctx.save_for_backward(hidden, weight, targets, bias, output[1], output[2])
+    ctx.save_for_backward(hidden, weight, targets, bias, output[1], output[2], output[4])
+    c.setup_stats_context(ctx, output)
 
 
 def _backward(ctx, *grads):
-    hidden, weight, targets, bias, lse, entropy = ctx.saved_tensors
+    hidden, weight, targets, bias, *saved = ctx.saved_tensors
     need_dh, need_dw, _, need_db = ctx.needs_input_grad[:4]
     need_db = bool(need_db and bias is not None)
     dh = dw = db = None
     if need_dh or need_dw or need_db:
-        saved = (hidden, weight, targets, bias, lse, entropy)
-        dh, dw, db = linear_logprobs_bwd_op(*saved, *grads, *ctx.opts, need_dh, need_dw, need_db)
+        inputs = (hidden, weight, targets, bias, *saved)
+        g = grads[: len(c.GRAD_FIELDS)]
+        dh, dw, db = linear_logprobs_bwd_op(*inputs, *g, *ctx.opts, need_dh, need_dw, need_db)
     return (dh if need_dh else None, dw if need_dw else None, None, db if need_db else None) + c.no_grads(ctx)
 
 

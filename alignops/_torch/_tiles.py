@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..kernels._common import LogitOptions, TokenStats, env_int
+from ..kernels._common import GRAD_FIELDS, LogitOptions, StatRequest, TokenStats, env_int
 
 #: Upper bound of the tile workspace per engine call. 32 MiB keeps the peak extra memory of a
 #: float32 fwd+bwd at N=4096, H=1024, V=65536 within 1.12x of the returned gradients while each
@@ -66,17 +66,28 @@ class OnlineStats:
     """Running per-row statistics over vocabulary tiles, in the compute dtype ``cdt``.
 
     ``update`` folds one tile of logits (rows ``[c0, c1)``, columns ``[v0, v1)``); ``finish``
-    returns the :class:`TokenStats` with exact zeros at ignored rows."""
+    returns the requested :class:`TokenStats` with exact zeros at ignored rows. Besides ``m``,
+    ``s`` and ``t`` it keeps ``s2 = sum exp(2 (z - m))`` (so ``log sum p^2 = log s2 - 2 log s``)
+    and a running top-k of ``z`` (merged tile by tile with ``torch.topk``)."""
 
-    def __init__(self, targets, valid, cdt, *, need_entropy: bool, need_zmean: bool):
+    def __init__(self, targets, valid, cdt, want: StatRequest):
         n, dev = targets.shape[0], targets.device
-        self.valid = valid
+        self.valid, self.want = valid, want
         self.safe_t = torch.where(valid, targets, torch.zeros_like(targets))
         self.m = torch.full((n,), -math.inf, dtype=cdt, device=dev)
         self.s = torch.zeros(n, dtype=cdt, device=dev)
-        self.t = torch.zeros(n, dtype=cdt, device=dev) if need_entropy else None
+        self.t = torch.zeros(n, dtype=cdt, device=dev) if want.entropy else None
+        self.s2 = torch.zeros(n, dtype=cdt, device=dev) if want.log_sum_p2 else None
         self.zy = torch.zeros(n, dtype=cdt, device=dev)
-        self.zsum = torch.zeros(n, dtype=cdt, device=dev) if need_zmean else None
+        self.zsum = torch.zeros(n, dtype=cdt, device=dev) if want.zmean else None
+        self.tv = torch.full((n, want.topk), -math.inf, dtype=cdt, device=dev) if want.topk else None
+        self.ti = torch.full((n, want.topk), -1, dtype=torch.int64, device=dev) if want.topk else None
+
+    def _topk_update(self, z: torch.Tensor, c0: int, c1: int, v0: int) -> None:
+        v, i = torch.topk(z, min(self.want.topk, z.shape[1]), dim=1)
+        cand_v, cand_i = torch.cat([self.tv[c0:c1], v], 1), torch.cat([self.ti[c0:c1], i + v0], 1)
+        self.tv[c0:c1], pick = cand_v.topk(self.want.topk, dim=1)
+        self.ti[c0:c1] = cand_i.gather(1, pick)
 
     def update(self, z: torch.Tensor, c0: int, c1: int, v0: int, v1: int, e_buf: torch.Tensor | None):
         """Fold ``z [c1 - c0, v1 - v0]``; ``z`` is overwritten. ``e_buf`` (same shape) is needed
@@ -85,6 +96,8 @@ class OnlineStats:
         self.zy[c0:c1] += torch.where(hit, z.gather(1, col).squeeze(1), 0.0)
         if self.zsum is not None:
             self.zsum[c0:c1] += z.sum(1)
+        if self.tv is not None:
+            self._topk_update(z, c0, c1, v0)
         m_old = self.m[c0:c1]
         m_new = torch.maximum(m_old, z.amax(1))
         scale = torch.exp(m_old - m_new)  # exp(-inf) = 0 on the first tile
@@ -95,65 +108,91 @@ class OnlineStats:
             # t_old' = scale * (t_old + (m_old - m_new) s_old), then + sum e (z - m_new)
             shift = torch.where(torch.isfinite(m_old), m_old - m_new, torch.zeros_like(m_old))
             self.t[c0:c1] = scale * (self.t[c0:c1] + shift * self.s[c0:c1]) + _rowdot(e, z)
+        if self.s2 is not None:
+            self.s2[c0:c1] = self.s2[c0:c1] * scale * scale + _rowdot(e, e)
         self.s[c0:c1] = self.s[c0:c1] * scale + e.sum(1)
         self.m[c0:c1] = m_new
 
     def finish(self, v: int) -> TokenStats:
         zero = torch.zeros((), dtype=self.m.dtype, device=self.m.device)
+        valid = self.valid
+
+        def masked(x):
+            return None if x is None else torch.where(valid if x.dim() == 1 else valid[:, None], x, zero)
+
         logs = torch.log(self.s)
         lse = self.m + logs
-        ent = None if self.t is None else torch.where(self.valid, logs - self.t / self.s, zero)
-        zmean = None if self.zsum is None else torch.where(self.valid, self.zsum / v, zero)
         return TokenStats(
-            torch.where(self.valid, self.zy - lse, zero), torch.where(self.valid, lse, zero), ent, zmean
+            masked(self.zy - lse),
+            masked(lse),
+            None if self.t is None else masked(logs - self.t / self.s),
+            None if self.zsum is None else masked(self.zsum / v),
+            None if self.s2 is None else masked(torch.log(self.s2) - 2.0 * logs),
+            None if self.ti is None else torch.where(valid[:, None], self.ti, -1),
+            None if self.tv is None else masked(self.tv - lse[:, None]),
         )
 
 
 class GradCoefs(NamedTuple):
-    """Per-row coefficients of the logit gradient, with the transform's ``a / T`` folded in::
+    """Per-row coefficients of the logit gradient, with the transform's ``f = a / T`` folded in::
 
-    dr = (p * (a_row - ge * z) + gl * onehot + gz) * f'(r)
+    dr = (p * (a_row - ge * z + c2 * p) + gl * onehot + gz) * f'(r)
 
-    where ``a_row = f (g_lse - g_logp + g_ent E_p z)``, ``ge = f g_ent``, ``gl = f g_logp``,
-    ``gz = f g_zmean / V``, ``f = logit_scale / temperature`` and ``f'(r) = 1 - tanh^2`` with a
-    soft-cap (1 without). Ignored rows have all-zero coefficients and ``lse = +inf``, so their
-    ``p`` is exactly 0."""
+    where ``a_row = f (g_lse - g_logp + g_ent E_p z - 2 g_lsp2)``, ``ge = f g_ent``,
+    ``gl = f g_logp``, ``gz = f g_zmean / V``, ``c2 = 2 f g_lsp2 / sum p^2`` (the derivative of
+    ``log sum p^2`` is ``2 (p^2 / sum p^2 - p)``), ``f = logit_scale / temperature`` and
+    ``f'(r) = 1 - tanh^2`` with a soft-cap (1 without). Ignored rows have all-zero coefficients and
+    ``lse = +inf``, so their ``p`` is exactly 0."""
 
     lse: torch.Tensor
     a: torch.Tensor
     ge: torch.Tensor | None
     gl: torch.Tensor | None
     gz: torch.Tensor | None
+    c2: torch.Tensor | None
 
 
-def grad_coefs(valid, lse, entropy, grads: TokenStats, opts: LogitOptions, v: int, cdt) -> GradCoefs:
+def grad_coefs(valid, saved: TokenStats, grads: TokenStats, opts: LogitOptions, v: int, cdt) -> GradCoefs:
+    """The per-row coefficients from the forward's ``saved`` statistics (``lse``, and ``entropy`` /
+    ``log_sum_p2`` where their gradient is given) and the upstream ``grads``."""
     zero = torch.zeros(valid.shape, dtype=cdt, device=valid.device)
     f = opts.logit_scale / opts.temperature
 
     def coef(g):
         return None if g is None else torch.where(valid, g.to(cdt), zero) * f
 
-    gl, gs, ge, gm = coef(grads.logp), coef(grads.lse), coef(grads.entropy), coef(grads.zmean)
+    gl, gs, ge, gm, g2 = (coef(getattr(grads, k)) for k in GRAD_FIELDS)
     a = zero.clone()
     if gs is not None:
         a += gs
     if gl is not None:
         a -= gl
     if ge is not None:
-        a += ge * (lse.to(cdt) - entropy.to(cdt))  # g_ent * E_p z
-    lse_c = torch.where(valid, lse.to(cdt), torch.full_like(zero, math.inf))
-    return GradCoefs(lse_c, a, ge, gl, None if gm is None else gm / v)
+        a += ge * (saved.lse.to(cdt) - saved.entropy.to(cdt))  # g_ent * E_p z
+    c2 = None
+    if g2 is not None:
+        a -= 2.0 * g2
+        c2 = 2.0 * g2 * torch.exp(-torch.where(valid, saved.log_sum_p2.to(cdt), zero))
+    lse_c = torch.where(valid, saved.lse.to(cdt), torch.full_like(zero, math.inf))
+    return GradCoefs(lse_c, a, ge, gl, None if gm is None else gm / v, c2)
 
 
 def logit_grad_(z, th, p_buf, co: GradCoefs, targets, c0: int, c1: int, v0: int, v1: int) -> torch.Tensor:
     """``dr`` of the tile (rows ``[c0, c1)``, columns ``[v0, v1)``) in ``p_buf``'s storage or
     ``z``'s (``z`` is overwritten). ``th``: the soft-cap's tanh tile, or None."""
     p = torch.sub(z, co.lse[c0:c1].unsqueeze(1), out=p_buf).exp_()
-    if co.ge is not None:
-        z.nan_to_num_(neginf=0.0)  # a -inf logit has p = 0: its p (a - ge z) term is 0, not NaN
-        dz = z.mul_(-co.ge[c0:c1].unsqueeze(1)).add_(co.a[c0:c1].unsqueeze(1)).mul_(p)
+    rows = slice(c0, c1)
+    if co.ge is None and co.c2 is None:
+        dz = p.mul_(co.a[rows].unsqueeze(1))
     else:
-        dz = p.mul_(co.a[c0:c1].unsqueeze(1))
+        if co.ge is not None:
+            z.nan_to_num_(neginf=0.0)  # a -inf logit has p = 0: its p (a - ge z) term is 0, not NaN
+            z.mul_(-co.ge[rows].unsqueeze(1))
+            if co.c2 is not None:
+                z.addcmul_(p, co.c2[rows].unsqueeze(1))
+        else:
+            torch.mul(p, co.c2[rows].unsqueeze(1), out=z)
+        dz = z.add_(co.a[rows].unsqueeze(1)).mul_(p)
     if co.gl is not None:
         hit, col = target_columns(targets[c0:c1], v0, v1)  # gl is already 0 on ignored rows
         dz.scatter_add_(1, col, torch.where(hit, co.gl[c0:c1], 0.0).unsqueeze(1))

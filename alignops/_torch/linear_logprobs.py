@@ -19,7 +19,17 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels._common import LogitOptions, TokenStats, check_linear_inputs, compute_dtype, empty, env_int
+from ..kernels._common import (
+    NOTHING_EXTRA,
+    LogitOptions,
+    StatRequest,
+    TokenStats,
+    check_linear_inputs,
+    check_saved,
+    compute_dtype,
+    empty,
+    env_int,
+)
 from ._tiles import OnlineStats, grad_coefs, logit_grad_, transform_, workspace_bytes
 
 #: Smallest vocabulary block worth a separate matmul call; below it we chunk tokens.
@@ -71,23 +81,23 @@ def linear_logprobs_fwd(
     targets: torch.Tensor,
     bias: torch.Tensor | None,
     opts: LogitOptions,
-    *,
-    need_entropy: bool = False,
-    need_zmean: bool = False,
+    want: StatRequest = NOTHING_EXTRA,
 ) -> TokenStats:
-    """``TokenStats(logp, lse, entropy | None, zmean | None)`` in the compute dtype (float32, or
-    float64 for float64 inputs), zero at ignored rows."""
+    """The :class:`TokenStats` that ``want`` asks for, in the compute dtype (float32, or float64
+    for float64 inputs), zero at ignored rows."""
     dot = check_linear_inputs(hidden, weight, targets, bias)
+    want = want.checked(weight.shape[0])
     n, hdim = hidden.shape
     v = weight.shape[0]
     cdt = compute_dtype(hidden, weight, bias)
     elem = torch.finfo(cdt).bits // 8
-    C, VB = _plan(n, v, hdim, elem, 2 if need_entropy else 1)  # entropy: z - m and e side by side
+    e_needed = want.entropy or want.log_sum_p2  # z - m and e side by side
+    C, VB = _plan(n, v, hdim, elem, 2 if e_needed else 1)
     ops = _Operands(hidden, weight, bias, dot, cdt)
     valid = targets != opts.ignore_index
-    stats = OnlineStats(targets, valid, cdt, need_entropy=need_entropy, need_zmean=need_zmean)
+    stats = OnlineStats(targets, valid, cdt, want)
     buf_z = torch.empty(C * VB, dtype=cdt, device=hidden.device)
-    buf_e = torch.empty(C * VB, dtype=cdt, device=hidden.device) if need_entropy else None
+    buf_e = torch.empty(C * VB, dtype=cdt, device=hidden.device) if e_needed else None
     for v0 in range(0, v, VB):
         v1 = min(v, v0 + VB)
         wb = ops.weight_block(v0, v1)
@@ -105,8 +115,7 @@ def linear_logprobs_bwd(
     weight: torch.Tensor,
     targets: torch.Tensor,
     bias: torch.Tensor | None,
-    lse: torch.Tensor,
-    entropy: torch.Tensor | None,
+    saved: TokenStats,
     grads: TokenStats,
     opts: LogitOptions,
     *,
@@ -114,16 +123,17 @@ def linear_logprobs_bwd(
     need_dweight: bool,
     need_dbias: bool,
 ):
-    """Gradients ``(dh, dW, db)`` (each ``None`` unless requested), in the input dtypes."""
+    """Gradients ``(dh, dW, db)`` (each ``None`` unless requested), in the input dtypes, of
+    ``sum_k grads.k . stat_k``; ``saved`` holds the forward's statistics that the gradients need
+    (``lse`` always, ``entropy`` / ``log_sum_p2`` with their gradients)."""
     dot = check_linear_inputs(hidden, weight, targets, bias)
-    if grads.entropy is not None and entropy is None:
-        raise ValueError("an entropy gradient needs the forward's entropy")
+    check_saved(saved, grads)
     n, hdim = hidden.shape
     v = weight.shape[0]
     cdt = compute_dtype(hidden, weight, bias)
     dev = hidden.device
     valid = targets != opts.ignore_index
-    co = grad_coefs(valid, lse, entropy, grads, opts, v, cdt)
+    co = grad_coefs(valid, saved, grads, opts, v, cdt)
     safe_t = torch.where(valid, targets, torch.zeros_like(targets))
     C, VB = _plan(n, v, hdim, torch.finfo(cdt).bits // 8, 3 if opts.softcap is not None else 2)
     ops = _Operands(hidden, weight, bias, dot, cdt)

@@ -11,9 +11,12 @@ from __future__ import annotations
 import torch
 
 from ..kernels._common import (
+    NOTHING_EXTRA,
     LogitOptions,
+    StatRequest,
     TokenStats,
     check_logits_inputs,
+    check_saved,
     compute_dtype,
     empty,
     rows_3d,
@@ -41,27 +44,26 @@ def logprobs_fwd(
     logits: torch.Tensor,
     targets: torch.Tensor,
     opts: LogitOptions,
-    *,
-    need_entropy: bool = False,
-    need_zmean: bool = False,
+    want: StatRequest = NOTHING_EXTRA,
 ) -> TokenStats:
-    """``TokenStats(logp, lse, entropy | None, zmean | None)`` ``[N]`` in the compute dtype."""
+    """The :class:`TokenStats` that ``want`` asks for, ``[N]`` in the compute dtype."""
     check_logits_inputs(logits, targets)
     x3, y = rows_3d(logits), targets.reshape(-1)
-    cdt = compute_dtype(logits)
-    stats = OnlineStats(y, y != opts.ignore_index, cdt, need_entropy=need_entropy, need_zmean=need_zmean)
     V = x3.shape[-1]
+    want = want.checked(V)
+    cdt = compute_dtype(logits)
+    stats = OnlineStats(y, y != opts.ignore_index, cdt, want)
     for b, t0, t1, r0 in _row_blocks(x3, cdt):
         z, _ = transform_(x3[b, t0:t1].to(cdt, copy=True), opts)
-        stats.update(z, r0, r0 + t1 - t0, 0, V, torch.empty_like(z) if need_entropy else None)
+        e_buf = torch.empty_like(z) if want.entropy or want.log_sum_p2 else None
+        stats.update(z, r0, r0 + t1 - t0, 0, V, e_buf)
     return stats.finish(V)
 
 
 def logprobs_bwd(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor | None,
+    saved: TokenStats,
     grads: TokenStats,
     opts: LogitOptions,
     *,
@@ -70,8 +72,7 @@ def logprobs_bwd(
     """Gradient with respect to the logits, in their shape and dtype; into ``out`` when given
     (it may be ``logits`` itself: each row block is read before it is written)."""
     check_logits_inputs(logits, targets)
-    if grads.entropy is not None and entropy is None:
-        raise ValueError("an entropy gradient needs the forward's entropy")
+    check_saved(saved, grads)
     x3, y = rows_3d(logits), targets.reshape(-1)
     if out is None:
         out = empty(tuple(logits.shape), dtype=logits.dtype, device=logits.device)
@@ -79,7 +80,7 @@ def logprobs_bwd(
     cdt = compute_dtype(logits)
     V = x3.shape[-1]
     valid = y != opts.ignore_index
-    co = grad_coefs(valid, lse, entropy, grads, opts, V, cdt)
+    co = grad_coefs(valid, saved, grads, opts, V, cdt)
     safe_y = torch.where(valid, y, torch.zeros_like(y))
     for b, t0, t1, r0 in _row_blocks(x3, cdt):
         r1 = r0 + t1 - t0

@@ -30,13 +30,21 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 from alignops.kernels import _launch  # noqa: E402
 from alignops.kernels import linear_logprobs as K  # noqa: E402
-from alignops.kernels._common import LogitOptions, TokenStats, matmul_dtype, poison_enabled  # noqa: E402
+from alignops.kernels._common import (  # noqa: E402  # noqa: E402
+    GRAD_FIELDS,
+    LogitOptions,
+    StatRequest,
+    TokenStats,
+    matmul_dtype,
+    poison_enabled,
+)
 
 from alignops.reference import logits_ref  # noqa: E402
-from tests._assert import assert_close, assert_close_lowp  # noqa: E402
+from tests._assert import assert_close, assert_close_lowp, assert_topk  # noqa: E402
 
 IGNORE = -100
-STATS = TokenStats._fields  # ("logp", "lse", "entropy", "zmean")
+STATS = GRAD_FIELDS  # ("logp", "lse", "entropy", "zmean", "log_sum_p2")
+ALL = StatRequest(entropy=True, zmean=True, log_sum_p2=True)
 
 # (BN, BV, BD, num_warps, num_stages[, num_splits]) and a workspace size for the backward
 SMALL_FWD = K.FwdConfig(16, 32, 16, 4, 1, 1)  # one split, 3 token blocks, 7 vocab blocks, 3 chunks
@@ -62,6 +70,7 @@ class Case:
     grads: tuple[str, ...] = STATS  # upstream gradients given (others None)
     need: tuple[str, ...] = ("dh", "dw", "db")
     magnitude: float = 1.0  # std of the raw logits is about 3 * magnitude
+    topk: int = 0  # also check the top-k side output
     strided: bool = False  # hidden as a row-strided view of a wider buffer
     val_tol: float = 2e-5
     grad_tol: float = 5e-5
@@ -73,13 +82,14 @@ class Case:
 
 CASES = [
     # default configs: BN 64 > N, BV 128 (2 vocab blocks, one per split), BD 64 > H
-    pytest.param(Case(softcap=5.0, temperature=0.7), id="fp32-default-split-softcap"),
+    pytest.param(Case(softcap=5.0, temperature=0.7, topk=5), id="fp32-default-split-softcap-top5"),
     # several token blocks / hidden chunks / vocab blocks, no split; backward in vocab chunks
     pytest.param(
         Case(bias=False, temperature=1.3, fwd=SMALL_FWD, bwd=SMALL_BWD), id="fp32-small-blocks-chunked"
     ),
     pytest.param(
-        Case(softcap=3.0, fwd=SPLIT3_FWD, bwd=SMALL_BWD, grads=("entropy", "zmean")), id="fp32-split3-uneven"
+        Case(softcap=3.0, fwd=SPLIT3_FWD, bwd=SMALL_BWD, grads=("entropy", "zmean", "log_sum_p2"), topk=37),
+        id="fp32-split3-uneven-top37",
     ),
     # a model's logit multiplier, with and without a soft-cap after it
     pytest.param(Case(logit_scale=0.37, softcap=4.0, fwd=SMALL_FWD, bwd=SMALL_BWD), id="fp32-scale-softcap"),
@@ -87,7 +97,7 @@ CASES = [
     pytest.param(Case(dtype=torch.float16, softcap=20.0, temperature=0.9), id="fp16-default"),
     pytest.param(Case(dtype=torch.float16, fwd=SMALL_FWD, bwd=SMALL_BWD), id="fp16-small-blocks"),
     # bf16 through the INTERP_BF16 switch (the interpreter's bf16 tl.dot is wrong)
-    pytest.param(Case(dtype=torch.bfloat16, softcap=10.0, temperature=1.5), id="bf16-default"),
+    pytest.param(Case(dtype=torch.bfloat16, softcap=10.0, temperature=1.5, topk=8), id="bf16-default-top8"),
     pytest.param(
         Case(dtype=torch.bfloat16, bias=False, fwd=SPLIT3_FWD, bwd=SMALL_BWD), id="bf16-small-blocks"
     ),
@@ -104,7 +114,7 @@ CASES = [
     # every row ignored: all outputs and gradients exactly 0, no NaN from empty rows
     pytest.param(Case(ignore="all", softcap=5.0, fwd=SPLIT3_FWD, bwd=SMALL_BWD), id="fp32-all-ignored"),
     # a single valid row: its token block must not be skipped as "all ignored"
-    pytest.param(Case(ignore="one", fwd=SMALL_FWD, bwd=SMALL_BWD), id="fp32-one-valid-row"),
+    pytest.param(Case(ignore="one", fwd=SMALL_FWD, bwd=SMALL_BWD, topk=64), id="fp32-one-valid-row-top64"),
     pytest.param(Case(ignore="none", N=16, fwd=None), id="fp32-tiny-batch-BN16"),
     # |z| ~ 1e4 in fp32: online rescaling must not overflow or lose the entropy. An ulp of 1e4
     # is 1e-3 and the 40-term dot rounds at that level, so absolute tolerances scale with |z|.
@@ -118,6 +128,7 @@ CASES = [
     pytest.param(Case(grads=("logp",), need=("dh",), bwd=SMALL_BWD), id="fp32-glogp-dh-only"),
     pytest.param(Case(grads=("lse", "entropy"), need=("dw", "db")), id="fp32-glse-gent-dw-db"),
     pytest.param(Case(grads=("zmean",), need=("db",), bias=True), id="fp32-gzmean-db-only"),
+    pytest.param(Case(grads=("log_sum_p2",), need=("dh", "dw"), softcap=4.0), id="fp32-glsp2-only"),
     # dh and db without dW: the vocab chunks still fill the workspace for the dh GEMM
     pytest.param(Case(grads=("logp", "lse"), need=("dh", "db"), softcap=2.0), id="fp32-dh-db-no-dw"),
 ]
@@ -175,11 +186,15 @@ def _math(hidden, weight, bias, targets, ups, opts: LogitOptions, *, lowp: bool 
     logp = z.gather(-1, targets.clamp(min=0)[:, None])[:, 0] - lse
     ent = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
     zmean = z.mean(-1)
-    outs = {k: torch.where(valid, x, torch.zeros_like(x)) for k, x in zip(STATS, (logp, lse, ent, zmean))}
+    lsp2 = torch.logsumexp(2.0 * z, dim=-1) - 2.0 * lse  # log sum p^2
+    stats = (logp, lse, ent, zmean, lsp2)
+    outs = {k: torch.where(valid, x, torch.zeros_like(x)) for k, x in zip(STATS, stats)}
     loss = sum((outs[k] * ups[k].to(z.dtype)).sum() for k in STATS if ups[k] is not None)
     loss.backward()
     grads = {"dh": h.grad, "dw": w.grad, "db": None if b is None else b.grad}
-    return {k: v.detach() for k, v in outs.items()}, grads
+    outs = {k: v.detach() for k, v in outs.items()}
+    outs["logprobs"] = (z - lse[:, None]).detach()
+    return outs, grads
 
 
 def _lowp(c: Case) -> bool:
@@ -201,15 +216,21 @@ def _grads(ups) -> TokenStats:
 def test_fwd_bwd_against_reference(c: Case):
     hidden, weight, bias, targets, ups = _inputs(c)
     stats = K.linear_logprobs_fwd(
-        hidden, weight, targets, bias, c.opts, need_entropy=True, need_zmean=True, config=c.fwd
+        hidden, weight, targets, bias, c.opts, ALL._replace(topk=c.topk), config=c.fwd
     )
     ref, ref_g = _math(hidden, weight, bias, targets, ups, c.opts)
     base, base_g = _math(hidden, weight, bias, targets, ups, c.opts, lowp=True) if _lowp(c) else ({}, {})
     ignored = targets == IGNORE
-    for k, out in zip(STATS, stats):
+    for k in STATS:
+        out = getattr(stats, k)
         assert out.dtype == torch.float32 and out.shape == (c.N,), k
         assert bool((out[ignored] == 0).all()), f"{k}: ignored rows not exactly 0"
         _check(k, ref[k], out, base.get(k), tol=c.val_tol)
+    if c.topk:
+        atol = 2e-2 if _lowp(c) else 1e-4 * max(1.0, c.magnitude)
+        assert_topk("topk", ref["logprobs"], stats.topk_ids, stats.topk_logps, ~ignored, atol=atol)
+    else:
+        assert stats.topk_ids is None and stats.topk_logps is None
 
     need = {k: k in c.need and (k != "db" or c.bias) for k in ("dh", "dw", "db")}
     dh, dw, db = K.linear_logprobs_bwd(
@@ -217,8 +238,7 @@ def test_fwd_bwd_against_reference(c: Case):
         weight,
         targets,
         bias,
-        stats.lse,
-        stats.entropy,
+        stats,
         _grads(ups),
         c.opts,
         need_dhidden=need["dh"],
@@ -249,15 +269,15 @@ def test_vocab_split_matches_no_split():
             targets,
             bias,
             c.opts,
-            need_entropy=True,
-            need_zmean=True,
+            ALL._replace(topk=9),
             config=SMALL_FWD._replace(num_splits=s),
         )
         for s in (1, 2, 7)
     ]
     for s, o in zip((2, 7), outs[1:]):
-        for k, a, b in zip(STATS, outs[0], o):
-            assert_close(f"{k} splits={s}", a, b, atol=3e-6, rtol=3e-6)
+        for k in STATS + ("topk_logps",):
+            assert_close(f"{k} splits={s}", getattr(outs[0], k), getattr(o, k), atol=3e-6, rtol=3e-6)
+        assert torch.equal(outs[0].topk_ids, o.topk_ids), f"top-k ids differ with {s} splits"
 
 
 def test_int64_offsets():
@@ -277,14 +297,13 @@ def test_int64_offsets():
     targets = torch.tensor([5, IGNORE, v - 1])
     ups = {k: torch.randn(n, generator=g) for k in STATS}
     opts = LogitOptions(IGNORE)
-    stats = K.linear_logprobs_fwd(hidden, weight, targets, None, opts, need_entropy=True, need_zmean=True)
+    stats = K.linear_logprobs_fwd(hidden, weight, targets, None, opts, ALL)
     dh, dw, _ = K.linear_logprobs_bwd(
         hidden,
         weight,
         targets,
         None,
-        stats.lse,
-        stats.entropy,
+        stats,
         _grads(ups),
         opts,
         need_dhidden=True,
@@ -293,8 +312,8 @@ def test_int64_offsets():
     )
     ref, ref_g = _math(hidden.clone(), weight.clone(), None, targets, ups, opts)
     base, base_g = _math(hidden.clone(), weight.clone(), None, targets, ups, opts, lowp=True)
-    for k, out in zip(STATS, stats):
-        assert_close_lowp(k, ref[k], out, base[k])
+    for k in STATS:
+        assert_close_lowp(k, ref[k], getattr(stats, k), base[k])
     assert_close_lowp("dh", ref_g["dh"], dh, base_g["dh"])
     assert_close_lowp("dw", ref_g["dw"], dw, base_g["dw"])
 
@@ -313,20 +332,19 @@ def test_poison_catches_unwritten_outputs(monkeypatch):
             launch(kernel, (grid[0] - 1, *grid[1:]), **kwargs)
 
     monkeypatch.setattr(_launch, "launch", short_launch)
-    stats = K.linear_logprobs_fwd(hidden, weight, targets, bias, c.opts, need_entropy=True, config=SMALL_FWD)
+    stats = K.linear_logprobs_fwd(hidden, weight, targets, bias, c.opts, ALL, config=SMALL_FWD)
     assert torch.isnan(stats.logp).any()
     with pytest.raises(AssertionError, match="non-finite"):
         assert_close("logp", ref["logp"], stats.logp, atol=1.0)
     monkeypatch.setattr(_launch, "launch", launch)
-    stats = K.linear_logprobs_fwd(hidden, weight, targets, bias, c.opts, need_entropy=True, config=SMALL_FWD)
+    stats = K.linear_logprobs_fwd(hidden, weight, targets, bias, c.opts, ALL, config=SMALL_FWD)
     monkeypatch.setattr(_launch, "launch", short_launch)
     dh, dw, db = K.linear_logprobs_bwd(
         hidden,
         weight,
         targets,
         bias,
-        stats.lse,
-        stats.entropy,
+        stats,
         _grads({**ups, "zmean": None}),
         c.opts,
         need_dhidden=True,
@@ -360,7 +378,7 @@ def test_public_api_reaches_triton(monkeypatch):
     monkeypatch.setattr(K, "linear_logprobs_bwd", count("bwd", bwd))
     c = Case(N=2 * 19, softcap=7.0, temperature=0.8, logit_scale=1.3)
     hidden, weight, bias, targets, ups = _inputs(c, seed=3)
-    ups["zmean"] = None
+    ups["zmean"] = ups["log_sum_p2"] = None
     h = hidden.view(2, 19, c.H).clone().requires_grad_()
     w = weight.clone().requires_grad_()
     b = bias.clone().requires_grad_()
@@ -410,19 +428,12 @@ def test_bad_inputs_raise():
         LogitOptions(IGNORE, softcap=-1.0)
     lse = torch.zeros(c.N)
     kw = dict(need_dhidden=True, need_dweight=False, need_dbias=False)
+    with pytest.raises(ValueError, match="topk"):
+        K.linear_logprobs_fwd(hidden, weight, targets, bias, opts, StatRequest(topk=65))
+    saved = TokenStats(None, lse)
     with pytest.raises(ValueError, match="entropy"):
-        K.linear_logprobs_bwd(
-            hidden, weight, targets, bias, lse, None, TokenStats(None, None, lse), opts, **kw
-        )
+        K.linear_logprobs_bwd(hidden, weight, targets, bias, saved, TokenStats(None, None, lse), opts, **kw)
     with pytest.raises(ValueError, match="without a bias"):
         K.linear_logprobs_bwd(
-            hidden,
-            weight,
-            targets,
-            None,
-            lse,
-            None,
-            TokenStats(lse, None),
-            opts,
-            **{**kw, "need_dbias": True},
+            hidden, weight, targets, None, saved, TokenStats(lse, None), opts, **kw | {"need_dbias": True}
         )

@@ -22,11 +22,11 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 from alignops.kernels import _launch  # noqa: E402
 from alignops.kernels import logprobs as K  # noqa: E402
-from alignops.kernels._common import LogitOptions, TokenStats  # noqa: E402
+from alignops.kernels._common import GRAD_FIELDS, LogitOptions, StatRequest, TokenStats  # noqa: E402
 
 import alignops  # noqa: E402
 from alignops.reference import cross_entropy_ref, logprobs_ref  # noqa: E402
-from tests._assert import assert_close  # noqa: E402
+from tests._assert import assert_close, assert_topk  # noqa: E402
 
 IGNORE = -100
 ALL = {"label_smoothing": 0.2, "z_loss": 1e-4, "softcap": 5.0, "temperature": 1.3, "logit_scale": 0.8}
@@ -119,9 +119,9 @@ def test_launchers_all_statistics(dtype, opts):
     y[0, 1] = 2000
     masked_row = 1
     n = y.numel()
-    stats = K.logprobs_fwd(x, y, opts, need_entropy=True, need_zmean=True)
+    stats = K.logprobs_fwd(x, y, opts, StatRequest(entropy=True, zmean=True, log_sum_p2=True, topk=11))
     g = torch.Generator().manual_seed(8)
-    ups = TokenStats(*(torch.randn(n, generator=g) for _ in TokenStats._fields))
+    ups = TokenStats(*(torch.randn(n, generator=g) for _ in GRAD_FIELDS))
     # the reference sees -1e4 for -inf: the same statistics (exp underflows to exactly 0 in
     # float64) without the 0 * inf of autograd through p log p at p = 0
     x64 = x.detach().double().nan_to_num(neginf=-1e4).requires_grad_()
@@ -129,17 +129,21 @@ def test_launchers_all_statistics(dtype, opts):
         x64, logit_scale=opts.logit_scale, softcap=opts.softcap, temperature=opts.temperature
     )
     logp, ent, lse, zmean, valid = alignops.reference.stats_ref(z, y, IGNORE)
-    ref = TokenStats(logp.reshape(-1), lse.reshape(-1), ent.reshape(-1), zmean.reshape(-1))
-    for k, a, b in zip(TokenStats._fields, ref, stats):
+    lsp2 = torch.where(valid, torch.logsumexp(2.0 * z, -1) - 2.0 * lse, 0.0)  # log sum p^2
+    ref = TokenStats(*(t.reshape(-1) for t in (logp, lse, ent, zmean, lsp2)))
+    for k in GRAD_FIELDS:
+        a, b = getattr(ref, k), getattr(stats, k)
         if k == "zmean" and opts.softcap is None:  # -inf (kernel) vs ~-1e4 (reference)
             assert b[masked_row] == -math.inf
             a, b = a.clone(), b.clone()
             a[masked_row] = b[masked_row] = 0.0
         assert_close(k, a, b, atol=3e-5 * max(1.0, a.abs().max().item()), rtol=3e-5)
+    logprobs = (z - torch.logsumexp(z, -1, keepdim=True)).detach().reshape(n, -1)
+    assert_topk("topk", logprobs, stats.topk_ids, stats.topk_logps, valid.reshape(-1), atol=1e-4)
     ups_nozmean = ups._replace(zmean=None)  # zmean of a -inf row is -inf: no gradient through it
     loss = sum((s.reshape(-1) * u.double()).sum() for s, u in zip(ref, ups_nozmean) if u is not None)
     (ref_grad,) = torch.autograd.grad(loss, x64)
-    grad = K.logprobs_bwd(x, y, stats.lse, stats.entropy, ups_nozmean, opts)
+    grad = K.logprobs_bwd(x, y, stats, ups_nozmean, opts)
     assert grad.dtype == x.dtype and grad.shape == x.shape
     assert torch.isfinite(grad).all()
     _grad_check("grad", ref_grad, grad)
@@ -174,7 +178,7 @@ def test_poison_catches_unwritten_outputs(monkeypatch):
     opts = LogitOptions(IGNORE)
     stats = K.logprobs_fwd(x, y, opts)
     assert torch.isnan(stats.logp[-1]) and not torch.isnan(stats.logp[:-1]).any()
-    grad = K.logprobs_bwd(x, y, torch.zeros(9), None, TokenStats(torch.ones(9), None), opts)
+    grad = K.logprobs_bwd(x, y, TokenStats(None, torch.zeros(9)), TokenStats(torch.ones(9), None), opts)
     assert torch.isnan(grad[-1]).all() and not torch.isnan(grad[:-1]).any()
 
 
@@ -188,6 +192,8 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="leading dims"):
         K.logprobs_fwd(x, y[:-1], opts)
     with pytest.raises(ValueError, match="entropy"):
-        K.logprobs_bwd(x, y, torch.zeros(5), None, TokenStats(None, None, torch.ones(5)), opts)
+        K.logprobs_bwd(x, y, TokenStats(None, torch.zeros(5)), TokenStats(None, None, torch.ones(5)), opts)
     with pytest.raises(ValueError, match="out must"):
-        K.logprobs_bwd(x, y, torch.zeros(5), None, TokenStats(torch.ones(5), None), opts, out=x.half())
+        K.logprobs_bwd(x, y, TokenStats(None, torch.zeros(5)), TokenStats(torch.ones(5)), opts, out=x.half())
+    with pytest.raises(ValueError, match="topk"):
+        K.logprobs_fwd(x, y, opts, StatRequest(topk=41))
