@@ -8,23 +8,24 @@ every kernel family under ``bench/``::
 
     alignops bench --quick                                  # < 2 min on a 2-core CPU
     alignops bench --family linear_cross_entropy --model llama3-8b --tokens 4096,16384 --dtype bfloat16
-    alignops bench --family cross_entropy --providers alignops,torch,liger --mode fwd+bwd
+    alignops bench --family cross_entropy --providers alignops,eager,liger --mode fwd+bwd
     alignops bench --family linear_cross_entropy --tokens 4096 --hidden 1024 --vocab 65536 \\
                    --dtype float32 --mode fwd+bwd              # memory report (H/V overrides)
     alignops bench --list                                   # families, providers, models
 
 Options: ``--family`` ``--model`` ``--tokens`` (comma lists) ``--hidden`` ``--vocab`` ``--softcap``
 ``--providers`` ``--dtype`` ``--device {auto,cpu,cuda}`` ``--mode {fwd,bwd,fwd+bwd,all}``
-``--out DIR`` (default ``bench/results``) ``--tag`` ``--plot`` ``--no-memory`` ``--no-save``
-``--memory-report`` ``--budget-s``.
+``--out DIR`` (default ``$ALIGNOPS_BENCH_OUT``, else ``./alignops-bench-results``) ``--tag``
+``--plot`` ``--no-memory`` ``--no-save`` ``--memory-report`` ``--budget-s``. ``alignops bench --help``
+is the user's version of this manual.
 
 Families: ``linear_cross_entropy``, ``cross_entropy`` (on logits), ``dpo_step``, ``grpo_step``
-(a loss step from hidden states) and ``divergence`` (skipped until alignops has one); each
-module's docstring defines its inputs, providers and FLOP / byte counts.
+(a loss step from hidden states); each module's docstring defines its inputs, providers and
+FLOP / byte counts.
 
-Providers (a family lists the ones that apply): ``alignops`` (the public API); ``torch`` (the
-package reference ``alignops.reference``, eager, full logits: the baseline of the ``x torch``
-column); ``torch.compile`` (the same reference under ``torch.compile(dynamic=False)``);
+Providers (a family lists the ones that apply): ``alignops`` (the public API); ``eager`` (the
+package reference ``alignops.reference``, eager PyTorch, full logits: the baseline of the
+``x eager`` column); ``torch.compile`` (the same reference under ``torch.compile(dynamic=False)``);
 ``torch-native`` (``F.cross_entropy`` on fp32 logits, the line people write: the reference also
 computes entropy and mean-logit terms, so it is slower than what people run); ``torch-chunked``
 (``F.linear_cross_entropy`` with ``LinearCrossEntropyOptions()``, torch >= 2.13); ``trl``
@@ -64,12 +65,16 @@ What is measured, per case (family, model shape, tokens N, dtype) and mode:
   a ``PEAK_MATMUL_SIZE``³ matmul in the case dtype and a ``PEAK_COPY_BYTES`` copy.
 
 Output: a table on stdout headed by device, torch / triton versions and the git commit; rows
-of the long-format CSV (STYLE §12) appended to ``<out>/<family>.csv``; the whole run as
+of the long-format CSV (``_report``) appended to ``<out>/<family>.csv``; the whole run as
 ``<out>/<tag>.json``; with ``--plot``, ``<out>/<family>_<model>_<dtype>.png`` (time and peak extra
-memory against tokens, one line per provider). Columns: ``x torch`` = time(torch) / time(row);
-``mem/torch`` = memory(row) / memory(torch); ``ao x`` = time(row) / time(alignops), alignops'
-speedup over that row; ``ao mem`` = memory(alignops) / memory(row); ``/grads`` = peak extra
-memory over the bytes of the gradients the op must return (1.0 is the floor for fwd+bwd).
+memory against tokens, one line per provider). ``<out>`` is ``--out``, else ``$ALIGNOPS_BENCH_OUT``,
+else ``./alignops-bench-results`` (git-ignored); the curated results committed under
+``bench/results/`` are written only when ``--out bench/results`` asks for it. Warnings raised while
+measuring are printed once each after the tables, on stderr. Columns: ``x eager`` =
+time(eager) / time(row); ``mem/eager`` = memory(row) / memory(eager); ``ao x`` = time(row) /
+time(alignops), alignops' speedup over that row; ``ao mem`` = memory(alignops) / memory(row);
+``/grads`` = peak extra memory over the bytes of the gradients the op must return (1.0 is the
+floor for fwd+bwd).
 
 Sample output (``alignops bench --quick`` on a 2-core CPU; one block, columns narrowed to fit)::
 
@@ -79,9 +84,9 @@ Sample output (``alignops bench --quick`` on a 2-core CPU; one block, columns na
     peak cpu float32: 0.325 TFLOP/s, 22.5 GB/s, measured at startup (2048^3 float32 matmul, 256 MiB copy)
 
     linear_cross_entropy  cpu-quick  N=1024 H=128 V=8192  float32  grads 4.5 MiB  rate in TFLOP/s
-    mode    provider      ms p50 p20..p80     rate roof% extra MiB /grads agree  x torch mem/torch ao x ao mem
+    mode    provider      ms p50 p20..p80     rate roof% extra MiB /grads agree  x eager mem/eager ao x ao mem
     fwd+bwd alignops       44.46 44.18..44.81 0.145 44.6      36.5   8.11 ref       3.45     0.157 1.00  1.000
-    fwd+bwd torch          153.2 152.1..154.6 0.042 12.9     231.9  51.53 ok 3e-07  1.00     1.000 3.45  0.157
+    fwd+bwd eager          153.2 152.1..154.6 0.042 12.9     231.9  51.53 ok 3e-07  1.00     1.000 3.45  0.157
     fwd+bwd torch.compile  40.38 39.78..41.2  0.160 49.1      64.0  14.23 ok 3e-07  3.79     0.276 0.91  0.570
     fwd+bwd torch-native   57.96 57.38..59.17 0.111 34.2      96.0  21.33 ok 3e-07  2.64     0.414 1.30  0.380
     fwd+bwd torch-chunked  87.11 86.36..88.29 0.074 22.7       8.8   1.96 ok 4e-07  1.76     0.038 1.96  4.128
@@ -89,7 +94,6 @@ Sample output (``alignops bench --quick`` on a 2-core CPU; one block, columns na
 
     skipped / failed:
       linear_cross_entropy   liger   liger-kernel 0.8.5: Triton kernels need a CUDA device, this run is cpu
-      divergence             *       no divergence family in alignops yet (looked for alignops.{...})
 """
 
 from __future__ import annotations
@@ -476,7 +480,10 @@ def _cpu_name() -> str:
 
 
 def git_commit() -> str:
-    """Short commit of the checkout, ``+dirty`` with uncommitted changes; read-only git calls."""
+    """Short commit of the checkout, ``+dirty`` with uncommitted changes; read-only git calls.
+    ``installed`` for a package installed from a wheel (no checkout to ask)."""
+    if not (REPO_ROOT / ".git").exists():
+        return "installed"
     env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")  # never write the index
     try:
         sha = subprocess.run(

@@ -3,6 +3,12 @@
 The method is described in the manual (``_harness``). On CPU, :class:`MemoryServer` sends each
 (case, provider) to ``python -m alignops.bench._memserver``, which forks a fresh child for it;
 :func:`measure_in_child` is what the child runs.
+
+The server imports the installed ``alignops`` whatever the working directory: it starts in an
+empty private directory, so a checkout's ``alignops/`` folder (the source of the package, without
+the ``kernels`` / ``bench`` mapping) can never shadow it. What the server and its children print
+(warnings of torch.compile, Triton, transformers) goes to a log file, not to the terminal; the
+end of that log comes back with any failed measurement.
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ import importlib
 import json
 import os
 import select
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +39,9 @@ _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
 RSS_SAMPLE_PERIOD_S = 0.001
 MEMORY_CHILD_TIMEOUT_S = 1800.0
+# The installed module, imported by name (never a path relative to the working directory).
+MEMSERVER_MODULE = "alignops.bench._memserver"
+LOG_TAIL_LINES = 8  # lines of the server's log attached to a failed measurement
 
 
 @dataclass
@@ -141,10 +152,15 @@ class MemoryServer:
     family modules once and then forks one child per measurement: the child starts with no tensor
     and no thread pool of the benchmark process, in milliseconds rather than the seconds an
     interpreter start with torch costs. Use as a context manager; one server serves a whole run.
+
+    The server runs in a private empty directory (so the working directory, a checkout's root for
+    instance, is not on its ``sys.path``) and writes its stderr to ``server.log`` there.
     """
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen | None = None
+        self._dir: str | None = None
+        self._log = None
 
     def __enter__(self) -> MemoryServer:
         return self
@@ -154,14 +170,29 @@ class MemoryServer:
 
     def _start(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:
+            self.close()
+            self._dir = tempfile.mkdtemp(prefix="alignops-memserver-")
+            self._log = open(os.path.join(self._dir, "server.log"), "w+")
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", f"{__package__}._memserver"],
+                [sys.executable, "-m", MEMSERVER_MODULE],
+                cwd=self._dir,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
+                stderr=self._log,
                 text=True,
                 bufsize=1,
             )
         return self._proc
+
+    def _log_tail(self, since: int) -> str:
+        """The last lines the server wrote after offset ``since`` of its log, on one line."""
+        if self._log is None:
+            return ""
+        self._log.flush()
+        self._log.seek(since)
+        lines = [line.rstrip() for line in self._log.read().splitlines() if line.strip()]
+        self._log.seek(0, os.SEEK_END)
+        return " | ".join(lines[-LOG_TAIL_LINES:])
 
     def measure(
         self,
@@ -175,6 +206,7 @@ class MemoryServer:
         if not os.path.exists("/proc/self/status") or not hasattr(os, "fork"):
             return {m: Memory(None, "unavailable", "needs Linux (fork, /proc) to measure RSS") for m in modes}
         proc = self._start()
+        since = self._log.seek(0, os.SEEK_END)
         request = {
             "module": family_module,
             "case": asdict(case),
@@ -182,16 +214,28 @@ class MemoryServer:
             "modes": modes,
             "preload": list(preload),
         }
-        proc.stdin.write(json.dumps(request) + "\n")
-        proc.stdin.flush()
+        try:
+            proc.stdin.write(json.dumps(request) + "\n")
+            proc.stdin.flush()
+        except OSError:  # the server died (its log says why)
+            pass
         ready, _, _ = select.select([proc.stdout], [], [], MEMORY_CHILD_TIMEOUT_S)
         line = proc.stdout.readline() if ready else ""
         if not line:
+            if ready:  # end of file: the server exited; let it finish writing its log
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+            tail = self._log_tail(since)
             self.close()
-            return {m: Memory(None, "fresh process", "no answer from the memory server") for m in modes}
+            error = "the memory server stopped" + (f": {tail}" if tail else "")
+            return {m: Memory(None, "fresh process", error) for m in modes}
         result = json.loads(line)
         if "error" in result:
-            return {m: Memory(None, "fresh process", result["error"]) for m in modes}
+            tail = self._log_tail(since)
+            error = result["error"] + (f" (log: {tail})" if tail else "")
+            return {m: Memory(None, "fresh process", error) for m in modes}
         return {m: Memory(int(r["peak_extra_bytes"]), r["method"]) for m, r in result.items()}
 
     def close(self) -> None:
@@ -203,4 +247,11 @@ class MemoryServer:
                 except subprocess.TimeoutExpired:
                     self._proc.kill()
                     self._proc.wait()
+            self._proc.stdout.close()
             self._proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None

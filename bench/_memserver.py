@@ -1,10 +1,11 @@
-"""Fork server for CPU peak-memory measurements (see ``MemoryServer`` in ``_harness``).
+"""Fork server for CPU peak-memory measurements (see ``MemoryServer`` in ``_memory``).
 
 Protocol: one JSON request per line on stdin (``module``, ``case``, ``provider``, ``modes``), one
 JSON answer per line on stdout (``{mode: {peak_extra_bytes, method}}``, or ``{"error": ...}``).
 Each request is measured in a child forked from this process, which has imported torch, the
 family module and the provider's ``preload`` modules but run nothing; the child's stdout goes
-to stderr so it cannot break the protocol.
+to stderr so it cannot break the protocol. ``MemoryServer`` starts it in an empty directory with
+its stderr sent to a log file.
 """
 
 from __future__ import annotations
@@ -94,6 +95,10 @@ def main() -> None:
     for line in sys.stdin:
         if line.strip():
             print(json.dumps(_serve_one(json.loads(line))), flush=True)
+    # Nothing to clean up (every child has been reaped): skip the interpreter's teardown, where
+    # Triton's nanobind bindings print pages of "leaked instance" reports.
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""``alignops bench``: argument parsing and the run loop (the manual is ``bench/_harness.py``)."""
+"""``alignops bench``: argument parsing, the run loop and the ``--help`` text.
+
+The measurement method is documented in ``_harness``'s docstring; ``--help`` is the user's manual,
+plain text (no markup, no file names of the package's internals).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import importlib
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -18,28 +23,70 @@ from . import _memory as M
 from . import _report
 from .models import DEFAULT_MODELS_CPU, DEFAULT_MODELS_CUDA, MODELS, get_model, with_overrides
 
-FAMILIES = ("linear_cross_entropy", "cross_entropy", "divergence", "dpo_step", "grpo_step")
+FAMILIES = ("linear_cross_entropy", "cross_entropy", "dpo_step", "grpo_step")
 DEFAULT_TOKENS_CPU = (512, 1024, 2048)
 DEFAULT_TOKENS_CUDA = (4096, 8192, 16384)
 DEFAULT_DTYPE_CPU = "float32"
 DEFAULT_DTYPE_CUDA = "bfloat16"
 
+# Results go to one place, in the working directory unless told otherwise; never into the
+# package (site-packages) nor into a checkout's tracked files (bench/results holds curated runs,
+# written only when asked for with --out).
+OUT_ENV = "ALIGNOPS_BENCH_OUT"
+DEFAULT_OUT_NAME = "alignops-bench-results"
+
 
 def default_out() -> Path:
-    """``bench/results`` of the checkout when running from one, else ``./alignops-bench-results``
-    (an installed package must not write into site-packages)."""
-    if (H.REPO_ROOT / ".git").exists():
-        return H.REPO_ROOT / "bench" / "results"
-    return Path.cwd() / "alignops-bench-results"
+    """``$ALIGNOPS_BENCH_OUT`` if set, else ``./alignops-bench-results`` (absolute)."""
+    return Path(os.environ.get(OUT_ENV) or DEFAULT_OUT_NAME).resolve()
 
 
-# --quick: every family, small enough for < 2 minutes on a 2-core CPU; two token counts for the
-# fused linear CE (the plot's lines), one for the others.
+# --quick: every family, small enough for a few minutes on a 2-core CPU; two token counts for
+# the fused linear CE (the plot's lines), one for the others.
 QUICK_MODEL_CPU = "cpu-quick"
 QUICK_TOKENS_CPU = {"linear_cross_entropy": (256, 1024), "default": (1024,)}
 QUICK_MODEL_CUDA = "llama3-8b"
 QUICK_TOKENS_CUDA = {"linear_cross_entropy": (4096, 16384), "default": (8192,)}
 QUICK_BUDGET_S = 0.3
+
+DESCRIPTION = """\
+Microbenchmarks of alignops against what people use instead, on the device at hand
+(CUDA when present, else CPU): time, peak extra memory, a roofline column, and a
+numerical agreement check of every provider's loss and gradients against alignops.
+
+families:
+  linear_cross_entropy  hidden states @ LM head -> mean cross-entropy
+  cross_entropy         mean cross-entropy on given logits
+  dpo_step              one DPO loss step from hidden states (cached reference log-probs)
+  grpo_step             one GRPO loss step from hidden states
+
+providers (each family runs those that apply; one that cannot run is listed with why):
+  alignops       the alignops public function
+  eager          eager PyTorch reference on full logits (the x eager / mem/eager baseline)
+  torch.compile  the same reference under torch.compile
+  torch-native   F.cross_entropy on float32 logits, what training code usually writes
+  torch-chunked  PyTorch's chunked F.linear_cross_entropy (torch >= 2.13)
+  trl            TRL's selective log-softmax on full logits
+  trl-chunked    TRL's chunked LM head
+  liger, cce     Liger-Kernel and Cut Cross-Entropy (CUDA only)
+"""
+
+EPILOG = f"""\
+memory: on CUDA the allocator's peak; on CPU the peak resident memory of a fresh process
+per (case, provider), so the numbers do not depend on what ran before.
+
+output: a table on stdout; CSV rows appended to <out>/<family>.csv and the whole run as
+<out>/<tag>.json. <out> is --out, else ${OUT_ENV}, else ./{DEFAULT_OUT_NAME}
+in the current directory.
+
+examples:
+  alignops bench --quick
+  alignops bench --family linear_cross_entropy --model llama3-8b --tokens 4096,16384 --dtype bfloat16
+  alignops bench --family cross_entropy --providers alignops,eager --mode fwd+bwd
+  alignops bench --family linear_cross_entropy --tokens 4096 --hidden 1024 --vocab 65536 \\
+      --dtype float32 --mode fwd+bwd --memory-report
+  alignops bench --list
+"""
 
 
 def _csv(text: str) -> list[str]:
@@ -48,7 +95,10 @@ def _csv(text: str) -> list[str]:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="alignops bench", description="Microbenchmarks; the manual is bench/_harness.py's docstring."
+        prog="alignops bench",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--family", type=_csv, default=None, help=f"comma list of {', '.join(FAMILIES)}")
     p.add_argument("--model", type=_csv, default=None, help=f"comma list of {', '.join(MODELS)}")
@@ -72,7 +122,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="fwd, bwd, fwd+bwd or all (default: all; fwd+bwd for the *_step families)",
     )
     p.add_argument("--quick", action="store_true", help="every family once, small shapes")
-    p.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results)")
+    p.add_argument(
+        "--out", type=Path, default=None, help=f"results folder (default: ${OUT_ENV} or ./{DEFAULT_OUT_NAME})"
+    )
     p.add_argument("--tag", default=None, help="JSON file name (default: quick / run)")
     p.add_argument("--plot", action="store_true", help="draw PNGs (matplotlib)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
@@ -161,6 +213,10 @@ def run_case(
                 memory = memserver.measure(mod.__name__, case, prov.name, modes, prov.preload)
             peaks_text = ", ".join(f"{m} {_mib(memory[m].peak_extra_bytes)}" for m in modes)
             _log(f"{label} memory: {peaks_text}  ({time.perf_counter() - t0:.1f} s)")
+            errors = sorted({mem.error for mem in memory.values() if mem.peak_extra_bytes is None})
+            for error in errors:  # a missing number is always explained, in the log and the table
+                _log(f"{label} memory not measured: {error}")
+                _add_skip(skips, H.Skip(case.family, prov.name, f"memory not measured: {error}"))
         for mode in modes:
             records.append(
                 H.Record(
@@ -191,6 +247,20 @@ def _mib(n: int | None) -> str:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:200] if text else ""
+
+
+def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
+    """The warnings raised during the run, once each, on stderr."""
+    seen: dict[str, int] = {}
+    for w in caught:
+        first = str(w.message).strip().splitlines()
+        key = f"{w.category.__name__}: {first[0] if first else ''}"
+        seen[key] = seen.get(key, 0) + 1
+    if seen:
+        print("\nwarnings raised while measuring:", file=sys.stderr)
+        for key, count in seen.items():
+            print(f"  {key}" + (f"  (x{count})" if count > 1 else ""), file=sys.stderr)
+    sys.stderr.flush()
 
 
 def _add_skip(skips: list[H.Skip], skip: H.Skip) -> None:
@@ -268,7 +338,10 @@ def main(argv: list[str]) -> int:
     env = H.environment(device)
     skips: list[H.Skip] = []
     started = time.perf_counter()
-    with M.MemoryServer() as memserver:
+    # Warnings that torch.compile, Triton or transformers raise while measuring (those the active
+    # warning filters let through) are collected and printed once each after the tables, on
+    # stderr, never in the middle of them.
+    with warnings.catch_warnings(record=True) as caught, M.MemoryServer() as memserver:
         records = _run_all(args, device, shapes, dtypes, tokens, modes, budget_s, skips, memserver)
     elapsed_s = time.perf_counter() - started
 
@@ -283,6 +356,7 @@ def main(argv: list[str]) -> int:
         print(_report.memory_report(records))
     print(_report.skipped(skips))
     print(f"\n{len(records)} measurements in {elapsed_s:.1f} s")
+    _print_warnings(caught)
     if not args.no_save:
         args.out = args.out or default_out()
         args.out.mkdir(parents=True, exist_ok=True)

@@ -66,7 +66,7 @@ def _alignops(case: Case, inputs: Inputs) -> Bound:
     return Bound(lambda: alignops.cross_entropy(z, y, softcap=case.softcap), inputs.leaves)
 
 
-def _torch(case: Case, inputs: Inputs) -> Bound:
+def _eager(case: Case, inputs: Inputs) -> Bound:
     z, y = inputs.tensors["logits"], inputs.tensors["targets"]
     return Bound(lambda: cross_entropy_ref(z, y, softcap=case.softcap), inputs.leaves)
 
@@ -108,7 +108,7 @@ def _liger(case: Case, inputs: Inputs) -> Bound:
 def providers() -> list[Provider]:
     return [
         Provider("alignops", _alignops, version=lambda: alignops.__version__),
-        Provider("torch", _torch),
+        Provider("eager", _eager),
         Provider("torch.compile", _torch_compile, preload=COMPILE_PRELOAD),
         Provider("torch-native", _torch_native),
         Provider("liger", _liger, liger_skip_reason, liger_version),

@@ -9,7 +9,7 @@ alignops is built for), so the step is: policy sequence log-probs -> ``dpo_loss`
 Providers differ only in the heavy part, hidden states -> per-sequence log-probs; all of them
 finish with the same ``alignops.losses.dpo_loss`` (sigmoid, ``BETA``), an O(B) function.
   alignops       alignops.sequence.sequence_logprobs
-  torch          alignops.reference.linear_logprobs_ref (full logits; it also computes entropy)
+  eager          alignops.reference.linear_logprobs_ref (full logits; it also computes entropy)
   torch.compile  the same, compiled
   trl            what TRL's DPO computes without its fused head: ``lm_head(h)`` logits in the input
                  dtype, then ``trl.trainer.utils.selective_log_softmax``
@@ -111,7 +111,13 @@ def _step(inputs: Inputs, sums: torch.Tensor) -> torch.Tensor:
 
     chosen, rejected = split_pair(sums)
     t = inputs.tensors
-    return dpo_loss(chosen, rejected, t["ref_chosen"], t["ref_rejected"], beta=BETA).loss
+    return dpo_loss(
+        policy_chosen_logps=chosen,
+        policy_rejected_logps=rejected,
+        ref_chosen_logps=t["ref_chosen"],
+        ref_rejected_logps=t["ref_rejected"],
+        beta=BETA,
+    ).loss
 
 
 def _shifted(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -138,7 +144,7 @@ def reference_sums(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, softcap: f
     return logps.sum(-1)
 
 
-def _torch(case: Case, inputs: Inputs) -> Bound:
+def _eager(case: Case, inputs: Inputs) -> Bound:
     h, w, y = _shifted(inputs)
     return Bound(lambda: _step(inputs, reference_sums(h, w, y, case.softcap)), inputs.leaves)
 
@@ -178,7 +184,7 @@ def _trl_chunked(case: Case, inputs: Inputs) -> Bound:
 def providers() -> list[Provider]:
     return [
         Provider("alignops", _alignops, version=lambda: alignops.__version__),
-        Provider("torch", _torch),
+        Provider("eager", _eager),
         Provider("torch.compile", _torch_compile, preload=COMPILE_PRELOAD),
         Provider("trl", _trl, trl_skip_reason, trl_version, TRL_PRELOAD),
         Provider("trl-chunked", _trl_chunked, trl_skip_reason, trl_version, TRL_PRELOAD),

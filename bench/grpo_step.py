@@ -8,8 +8,8 @@ entropy computed for the logged metric as TRL does.
 
 Providers differ in the heavy part (per-token log-probs and entropy); all finish with
 ``alignops.losses.grpo_loss``.
-  alignops       alignops.rl.grpo_loss_from_hidden (fused; entropy from the same pass)
-  torch          alignops.reference.linear_logprobs_ref (full logits, log-probs + entropy)
+  alignops       alignops.grpo_loss_from_hidden (fused; entropy from the same pass)
+  eager          alignops.reference.linear_logprobs_ref (full logits, log-probs + entropy)
   torch.compile  the same, compiled
   trl            TRL GRPO without its fused head: ``lm_head(h)`` logits in the input dtype,
                  ``selective_log_softmax`` and ``entropy_from_logits`` (no grad, as TRL)
@@ -48,9 +48,10 @@ DEFAULT_MODES = ("fwd+bwd",)  # a training step; --mode asks for fwd / bwd expli
 def unavailable() -> str | None:
     try:
         from alignops.losses import grpo_loss  # noqa: F401
-        from alignops.rl import grpo_loss_from_hidden  # noqa: F401
     except ImportError as e:
-        return f"alignops.rl.grpo_loss_from_hidden / alignops.losses.grpo_loss not importable: {e}"
+        return f"alignops.losses.grpo_loss not importable: {e}"
+    if not hasattr(alignops, "grpo_loss_from_hidden"):
+        return "alignops.grpo_loss_from_hidden is missing"
     return None
 
 
@@ -97,17 +98,23 @@ def _loss(inputs: Inputs, logps: torch.Tensor, entropy: torch.Tensor | None) -> 
     from alignops.losses import grpo_loss
 
     t = inputs.tensors
-    return grpo_loss(logps, None, t["advantages"], t["mask"], entropy=entropy).loss
+    return grpo_loss(
+        logps=logps, old_logps=None, advantages=t["advantages"], completion_mask=t["mask"], entropy=entropy
+    ).loss
 
 
 def _alignops(case: Case, inputs: Inputs) -> Bound:
-    from alignops.rl import grpo_loss_from_hidden
-
     t = inputs.tensors
     return Bound(
         lambda: (
-            grpo_loss_from_hidden(
-                t["hidden"], t["weight"], t["ids"], t["mask"], None, t["advantages"], softcap=case.softcap
+            alignops.grpo_loss_from_hidden(
+                hidden=t["hidden"],
+                weight=t["weight"],
+                completion_ids=t["ids"],
+                completion_mask=t["mask"],
+                old_logps=None,
+                advantages=t["advantages"],
+                softcap=case.softcap,
             ).loss
         ),
         inputs.leaves,
@@ -126,7 +133,7 @@ def reference_logps(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, softcap: 
     return logps, entropy
 
 
-def _torch(case: Case, inputs: Inputs) -> Bound:
+def _eager(case: Case, inputs: Inputs) -> Bound:
     t, y = inputs.tensors, _masked_ids(inputs)
     return Bound(
         lambda: _loss(inputs, *reference_logps(t["hidden"], t["weight"], y, case.softcap)), inputs.leaves
@@ -171,7 +178,7 @@ def _trl_chunked(case: Case, inputs: Inputs) -> Bound:
 def providers() -> list[Provider]:
     return [
         Provider("alignops", _alignops, version=lambda: alignops.__version__),
-        Provider("torch", _torch),
+        Provider("eager", _eager),
         Provider("torch.compile", _torch_compile, preload=COMPILE_PRELOAD),
         Provider("trl", _trl, trl_skip_reason, trl_version, TRL_PRELOAD),
         Provider("trl-chunked", _trl_chunked, trl_skip_reason, trl_version, TRL_PRELOAD),

@@ -101,7 +101,7 @@ def _alignops(case: Case, inputs: Inputs) -> Bound:
     return Bound(lambda: alignops.linear_cross_entropy(h, w, y, softcap=case.softcap), inputs.leaves)
 
 
-def _torch(case: Case, inputs: Inputs) -> Bound:
+def _eager(case: Case, inputs: Inputs) -> Bound:
     h, w, y = _args(inputs)
     return Bound(lambda: linear_cross_entropy_ref(h, w, y, softcap=case.softcap), inputs.leaves)
 
@@ -177,7 +177,7 @@ def _no_softcap(case: Case) -> str | None:
 def providers() -> list[Provider]:
     return [
         Provider("alignops", _alignops, version=lambda: alignops.__version__),
-        Provider("torch", _torch),
+        Provider("eager", _eager),
         Provider("torch.compile", _torch_compile, preload=COMPILE_PRELOAD),
         Provider("torch-native", _torch_native),
         Provider(

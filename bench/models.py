@@ -1,10 +1,10 @@
-"""Model registry: the LM-head shapes benchmarks run at (STYLE §11: shapes come from here, never literals).
+"""Model registry: the LM-head shapes benchmarks run at (shapes come from here, never literals).
 
 A benchmark case takes ``hidden_size`` and ``vocab_size`` (and the final-logit soft-cap, when the model
 has one) from an entry below and scales the token count with ``--tokens``. ``--hidden`` / ``--vocab``
 override the entry for one-off measurements (the case is then named ``custom``).
 
-Real models are the three the issue names plus two small public ones; the ``cpu-*`` entries are
+Real models are three large public ones and two small ones; the ``cpu-*`` entries are
 synthetic shapes sized so a 2-core CPU finishes a case in well under a second.
 """
 

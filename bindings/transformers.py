@@ -3,9 +3,15 @@
 ``patch_causal_lm(model)`` wraps ``model.forward``: calls with ``labels`` run the decoder,
 then :func:`alignops.linear_cross_entropy` on the last hidden states and the LM-head
 weight (HF's one-position shift, ``ignore_index=-100``, ``num_items_in_batch`` as the
-global normaliser of SPEC §3.3, Gemma-2's ``final_logit_softcapping``, a ``logit_scale``
-where the config has one). The output's ``logits`` is ``None`` for those calls; calls
-without ``labels`` (generation, evaluation of logits) run the original forward.
+global token count of gradient accumulation, Gemma-2's ``final_logit_softcapping``, a
+``logit_scale`` where the config has one). The output's ``logits`` is ``None`` for those
+calls (``return_dict=False`` gives the tuple of the fields that are set); calls without
+``labels`` (generation, evaluation of logits) run the original forward.
+
+Arguments are matched to the original forward's signature, so positional and keyword calls
+are fused alike. A call with ``labels`` that cannot be fused (positional arguments to a
+``forward(*args, **kwargs)`` whose names are unknown) runs the original forward and says
+why in a warning, once per patched model: never silently.
 
 One generic wrapper for every architecture that follows HF's ``XForCausalLM`` layout
 (``get_decoder()`` and ``get_output_embeddings()``), no per-model copies of ``forward``::
@@ -17,11 +23,16 @@ One generic wrapper for every architecture that follows HF's ``XForCausalLM`` la
 
 from __future__ import annotations
 
+import inspect
+import warnings
+
 import torch
 
 import alignops
 
-_DROP = ("labels", "logits_to_keep", "num_items_in_batch", "shift_labels", "return_dict")
+# Arguments of the causal-LM forward that the decoder does not take: the loss inputs, and
+# ``logits_to_keep`` (no logits are computed on the fused path).
+_LOSS_ONLY = ("labels", "logits_to_keep", "num_items_in_batch", "shift_labels", "return_dict")
 
 
 class PatchHandle:
@@ -62,10 +73,46 @@ def _decoder(model):
     return dec
 
 
+def _signature(fn) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or C callable: no introspectable signature
+        return None
+
+
+def _by_name(sig: inspect.Signature | None, args: tuple, kwargs: dict) -> dict | str | None:
+    """The call's arguments as keywords, positional ones matched to the forward's parameters.
+
+    Returns a dict; a string (why positional arguments cannot be named); or ``None`` when the
+    call does not fit the signature (the original forward then raises its own precise error).
+    """
+    if not args:
+        return dict(kwargs)
+    if sig is None:
+        return "the forward's signature cannot be read, so positional arguments have no name"
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError:
+        return None
+    named: dict = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                return f"the forward takes *{name}, so positional arguments have no name"
+        else:
+            named[name] = value
+    return named
+
+
 def patch_causal_lm(model, *, ignore_index: int = -100) -> PatchHandle:
     """Make ``model(..., labels=...)`` compute its loss with alignops' fused kernels.
 
-    Returns a :class:`PatchHandle` (call ``.remove()`` or use it as a context manager).
+    Positional arguments are bound to the original forward's signature (``model(input_ids,
+    labels=labels)`` is fused). Returns a :class:`PatchHandle` (call ``.remove()`` or use it as
+    a context manager).
     """
     head = _head(model)
     decoder = _decoder(model)
@@ -74,17 +121,38 @@ def patch_causal_lm(model, *, ignore_index: int = -100) -> PatchHandle:
     logit_scale = getattr(cfg, "logit_scale", None)
     original = model.__dict__.get("forward")
     bound = model.forward
+    sig = _signature(bound)
+    warned: list[str] = []
+
+    def unfused(reason: str, args: tuple, kwargs: dict):
+        if not warned:
+            warned.append(reason)
+            warnings.warn(
+                f"alignops patch_causal_lm: {type(model).__name__} call with labels not fused ({reason}); "
+                "the original forward runs and builds the full [B, T, V] logits. Pass the inputs by "
+                "keyword (model(input_ids=..., labels=...)) to fuse it. (Warned once per model.)",
+                UserWarning,
+                stacklevel=3,
+            )
+        return bound(*args, **kwargs)
 
     def forward(*args, **kwargs):
-        labels = kwargs.get("labels")
-        if labels is None or args:
+        if not args and kwargs.get("labels") is None:
+            return bound(**kwargs)  # no loss asked for: generation, logits
+        call = _by_name(sig, args, kwargs)
+        if isinstance(call, str) and kwargs.get("labels") is not None:
+            return unfused(call, args, kwargs)
+        if not isinstance(call, dict):
+            return bound(*args, **kwargs)  # a bad call (the forward raises), or no known labels
+        labels = call.get("labels")
+        if labels is None:
             return bound(*args, **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        num_items = kwargs.get("num_items_in_batch")
-        shift_labels = kwargs.get("shift_labels")
-        dec_kwargs = {k: v for k, v in kwargs.items() if k not in _DROP}
-        out = decoder(**dec_kwargs)
+        num_items = call.get("num_items_in_batch")
+        shift_labels = call.get("shift_labels")
+        return_dict = call.get("return_dict")
+        out = decoder(**{k: v for k, v in call.items() if k not in _LOSS_ONLY})
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         if shift_labels is None:
             # HF ForCausalLMLoss: the label of position t is labels[t + 1]; the last is ignored
@@ -101,13 +169,14 @@ def patch_causal_lm(model, *, ignore_index: int = -100) -> PatchHandle:
             reduction="sum" if num_items is not None else "mean",
             num_items=num_items,
         )
-        return CausalLMOutputWithPast(
+        result = CausalLMOutputWithPast(
             loss=loss,
             logits=None,
             past_key_values=getattr(out, "past_key_values", None),
             hidden_states=getattr(out, "hidden_states", None),
             attentions=getattr(out, "attentions", None),
         )
+        return result.to_tuple() if return_dict is False else result
 
     model.forward = forward
     return PatchHandle(model, original)

@@ -83,3 +83,71 @@ def test_calls_without_labels_use_the_original_forward():
     out = model(input_ids=ids).logits
     handle.remove()
     assert_close("logits", ref.detach(), out.detach(), atol=0.0)
+
+
+def _docstring_example() -> str:
+    """The code block of the binding's module docstring, dedented."""
+    import textwrap
+
+    import alignops.bindings.transformers as binding
+
+    doc = binding.__doc__
+    block = doc[doc.index("::\n") + 3 :]
+    return textwrap.dedent(block).strip()
+
+
+def test_docstring_example_is_fused(monkeypatch):
+    """The module docstring's own example (positional ``input_ids``) runs the fused loss."""
+    import alignops
+
+    model = _llama()
+    input_ids, labels = _batch(model.config.vocab_size)
+    ref = model(input_ids=input_ids, labels=labels).loss
+    calls = []
+    fused = alignops.linear_cross_entropy
+    monkeypatch.setattr(alignops, "linear_cross_entropy", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    code = _docstring_example()
+    assert "model(input_ids, labels=labels)" in code
+    ns = {"patch_causal_lm": patch_causal_lm, "model": model, "input_ids": input_ids, "labels": labels}
+    exec(code, ns)
+    assert calls == [1], "the docstring's call did not go through alignops.linear_cross_entropy"
+    assert not ns["handle"].active
+    assert_close("loss", ref.detach(), ns["loss"].detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_positional_and_tuple_calls_are_fused():
+    model = _llama()
+    ids, labels = _batch(model.config.vocab_size)
+    ref = model(input_ids=ids, labels=labels).loss.detach()
+    mask = torch.ones_like(ids)
+    with patch_causal_lm(model):
+        out = model(ids, mask, labels=labels)  # input_ids, attention_mask by position
+        assert out.logits is None
+        assert_close("loss", ref, out.loss.detach(), atol=1e-6, rtol=1e-6)
+        tup = model(ids, labels=labels, return_dict=False)
+        assert isinstance(tup, tuple)
+        assert_close("loss", ref, tup[0].detach(), atol=1e-6, rtol=1e-6)
+
+
+class _ArgsForward(transformers.LlamaForCausalLM):
+    """A forward that hides its parameter names (as some wrappers do)."""
+
+    def forward(self, *args, **kwargs):
+        return super().forward(*args, **kwargs)
+
+
+def test_unfusable_call_warns_once_and_runs_the_original():
+    model = _ArgsForward(_llama().config).double()
+    ids, labels = _batch(model.config.vocab_size)
+    ref = model(input_ids=ids, labels=labels).loss.detach()
+    with patch_causal_lm(model):
+        with pytest.warns(UserWarning, match=r"not fused \(the forward takes \*args"):
+            out = model(ids, labels=labels)
+        assert out.logits is not None  # the original forward ran, and said so
+        assert_close("loss", ref, out.loss.detach(), atol=1e-6, rtol=1e-6)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model(ids, labels=labels)  # once per model: no second warning
+            assert model(input_ids=ids, labels=labels).logits is None  # keywords: fused
