@@ -25,6 +25,7 @@ LIGHT_LAYER = [
     "alignops._checks",
     "alignops.sequence",
     "alignops.rl",
+    "alignops._advantages",
     "alignops.fused",
     "alignops.losses",
     "alignops.losses.policy",
@@ -145,7 +146,9 @@ def test_the_cycle_check_catches_a_cycle():
 
 
 def test_rl_never_imports_the_loss_layer():
-    assert not any(d.startswith("alignops.losses") for d in import_graph()["alignops.rl"])
+    graph = import_graph()
+    for module in ("alignops.rl", "alignops._advantages"):
+        assert not any(d.startswith("alignops.losses") for d in graph[module]), module
 
 
 @pytest.mark.parametrize("module", LIGHT_LAYER)
@@ -184,6 +187,13 @@ def test_public_names_stay_reachable():
         "compute_gae",
         "whiten",
         "ppo_rewards",
+        "remax_advantages",
+        "opo_advantages",
+        "passk_advantages",
+        "reinforce_pp_advantages",
+        "reinforce_pp_baseline_advantages",
+        "rollout_correction",
+        "RolloutCorrection",
     ):
         assert getattr(alignops, name) is getattr(rl, name)
     for name in ("grpo_loss_from_hidden", "ppo_loss_from_hidden"):
@@ -192,9 +202,12 @@ def test_public_names_stay_reachable():
 
 def test_docs_cite_papers_not_internal_documents():
     """The loss layer and its page cite papers (authors, year, arXiv id), never an internal spec."""
-    files = [ROOT / "alignops" / f for f in ("_checks.py", "rl.py", "fused.py", "sequence.py")]
+    files = [
+        ROOT / "alignops" / f for f in ("_checks.py", "_advantages.py", "rl.py", "fused.py", "sequence.py")
+    ]
     files += sorted((ROOT / "alignops" / "losses").glob("*.py")) + [ROOT / "docs" / "losses.md"]
-    files += sorted((ROOT / "tests").glob("test_losses_*.py")) + [ROOT / "tests" / "_inputs.py"]
+    files += sorted((ROOT / "tests").glob("test_losses_*.py")) + sorted((ROOT / "tests").glob("test_rl*.py"))
+    files += [ROOT / "tests" / "_inputs.py", ROOT / "tests" / "_policy_refs.py"]
     internal = re.compile(r"\b" + "SP" + r"EC\b")  # spelled in two parts so this file does not match
     offenders = [str(f.relative_to(ROOT)) for f in files if internal.search(f.read_text())]
     assert offenders == []

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from _assert import assert_close
 from _inputs import F64, check_losses, generator, unpaired_logps
+from _policy_refs import check_pairs, leaf, value_and_grads
 
-from alignops.losses import RewardRunningMean, bco_loss, dro_loss, kto_loss, udm_weights
+from alignops.losses import RewardRunningMean, VanillaKTOOptions, bco_loss, dro_loss, kto_loss, udm_weights
 
 # ---------------------------------------------------------------------------------------------
 # float64 references
@@ -102,6 +103,43 @@ def test_kto_matches_reference(kind, beta, wd, wu, nd, nu):
     if nd and nu:
         margin = (beta * (pw - rw)).mean() - (beta * (pl - rl)).mean()
         assert_close("kto/rewards/margins", margin, out.metrics["rewards/margins"], atol=1e-5, rtol=1e-5)
+
+
+def ref_vanilla_kto(pw, pl, rw, rl, *, beta, detach):
+    """OpenRLHF's ``VanillaKTOLoss``: each side against the other side's mean log-ratio, clamped at 0."""
+    uw, ul = pw - rw, pl - rl
+    kl_w = torch.clamp(uw.mean(), min=0) if uw.numel() else torch.zeros((), dtype=F64)
+    kl_l = torch.clamp(ul.mean(), min=0) if ul.numel() else torch.zeros((), dtype=F64)
+    if detach:
+        kl_w, kl_l = kl_w.detach(), kl_l.detach()
+    return torch.cat((1 - torch.sigmoid(beta * (uw - kl_l)), 1 - torch.sigmoid(beta * (kl_w - ul))))
+
+
+def run_vanilla_kto(detach: bool, nd: int = 7, nu: int = 5):
+    """Values and gradients w.r.t. both policy sides (one leaf, split) against the float64 formula."""
+
+    def run(dtype):
+        pw, pl, rw, rl = unpaired_logps(nd, nu, seed=4, scale=6.0)
+        rl = rl - 4.0  # the undesirable side's mean log-ratio is > 0: its reference point acts
+        x, xr = leaf(torch.cat((pw, pl)), dtype)
+        opts = VanillaKTOOptions(detach_reference_point=detach)
+        out = kto_loss(
+            x[:nd], x[nd:], rw.to(dtype), rl.to(dtype), loss_type="vanilla", beta=0.3, vanilla=opts
+        )
+        want = ref_vanilla_kto(
+            xr[:nd], xr[nd:], rw.to(dtype).double(), rl.to(dtype).double(), beta=0.3, detach=detach
+        )
+        return value_and_grads(f"vanilla kto detach={detach}", out.loss, out.losses, want.mean(), want, x, xr)
+
+    return run
+
+
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("nd,nu", [(7, 5), (6, 0)])
+def test_kto_vanilla_vs_float64(detach, nd, nu):
+    check_pairs(run_vanilla_kto(detach, nd, nu)(F64), atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="loss_type='vanilla' only"):
+        kto_loss(*unpaired_logps(3, 3), kl=0.0, vanilla=VanillaKTOOptions())
 
 
 def test_kto_given_kl_is_clamped_and_matches_kl_logps():

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from _assert import assert_close
 from _inputs import F64, check_losses, summed_logps
+from _policy_refs import check_pairs, leaf, value_and_grads
 
 from alignops.losses import alphapo_loss, cpo_loss, orpo_loss, simpo_loss, tpo_loss
 
@@ -160,6 +161,32 @@ def test_simpo_matches_reference(eps, cpo_alpha):
         return ref_cpo(a, b, nw, nl, beta=2.0, kind="simpo", eps=eps, cpo_alpha=cpo_alpha, gamma=1.0)
 
     check_losses("simpo", ours, ref, [sw, sl])
+
+
+def run_simpo_hinge(dtype):
+    """SimPO's hinge form ``relu(1 - (β ΔA - γ))`` (the SimPO repository's ``loss_type="hinge"``)."""
+    sw, sl, nw, nl = summed_logps(B, seed=9)
+    x, xr = leaf(torch.cat((sw, sl)), dtype)
+    out = simpo_loss(
+        x[:B], x[B:], chosen_lengths=nw, rejected_lengths=nl, beta=2.0, simpo_gamma=0.4, loss_type="hinge"
+    )
+    margin = _avg(xr[:B], nw) - _avg(xr[B:], nl)
+    want = torch.clamp(1 - (2.0 * margin - 0.4), min=0)
+    assert (want > 0).any() and (want == 0).any()  # both sides of the hinge
+    return value_and_grads("simpo hinge", out.loss, out.losses, want.mean(), want, x, xr)
+
+
+def test_simpo_hinge_vs_float64():
+    check_pairs(run_simpo_hinge(F64), atol=1e-12, rtol=1e-12)
+    sw, sl, nw, nl = summed_logps(B, seed=9)
+    same = cpo_loss(sw, sl, chosen_lengths=nw, rejected_lengths=nl, loss_type="simpo_hinge", cpo_alpha=0.0)
+    assert torch.equal(
+        same.losses, simpo_loss(sw, sl, chosen_lengths=nw, rejected_lengths=nl, loss_type="hinge").losses
+    )
+    with pytest.raises(ValueError, match="label_smoothing"):
+        simpo_loss(sw, sl, chosen_lengths=nw, rejected_lengths=nl, loss_type="hinge", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="'sigmoid', 'hinge'"):
+        simpo_loss(sw, sl, chosen_lengths=nw, rejected_lengths=nl, loss_type="ipo")
 
 
 @pytest.mark.parametrize("given_nll", [False, True], ids=["completion-nll", "given-nll"])

@@ -72,6 +72,16 @@ def token_batch(
     return TokenBatch(lp, old, mb, m, m.sum(-1, keepdim=True))
 
 
+def restrict(tb: TokenBatch, keep: torch.Tensor) -> TokenBatch:
+    """``tb`` with only the positions where ``keep [B, T]`` (bool) is also true: the others leave
+    the mask, the counts and the values (e.g. tokens rejected by a rollout correction)."""
+    mb = tb.mb & keep
+    m = mb.to(tb.dt)
+    zero = torch.zeros((), dtype=tb.dt, device=tb.lp.device)
+    lp, old = torch.where(mb, tb.lp, zero), torch.where(mb, tb.old, zero)
+    return TokenBatch(lp, old, mb, m, m.sum(-1, keepdim=True))
+
+
 def per_row(name: str, x: torch.Tensor, b: int, t: int, dt: torch.dtype) -> torch.Tensor:
     """``[B]`` -> ``[B, 1]``; ``[B, 1]`` and ``[B, T]`` pass through (broadcast over tokens)."""
     if x.shape == (b,):

@@ -10,6 +10,7 @@ input is float64; a Python number (``kl=``, ``delta=``) is taken in that dtype d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from .._checks import as_float, check_choice, scalar, vec
 from ._common import LossOutput
 
-__all__ = ["kto_loss", "bco_loss", "dro_loss", "RewardRunningMean", "udm_weights"]
+__all__ = ["kto_loss", "bco_loss", "dro_loss", "RewardRunningMean", "VanillaKTOOptions", "udm_weights"]
 
 
 def _unpaired(
@@ -57,7 +58,27 @@ def _mean_or_zero(losses: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
     return losses.mean() if losses.numel() else anchor.sum() * 0.0
 
 
-_KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+_KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired", "vanilla")
+
+
+@dataclass(frozen=True)
+class VanillaKTOOptions:
+    """``loss_type="vanilla"`` (OpenRLHF's ``VanillaKTOLoss``): ``detach_reference_point=True``
+    treats the in-batch reference points as constants, as the KTO paper does with ``z_ref``;
+    ``False`` lets the gradient flow through them, as OpenRLHF's code does."""
+
+    detach_reference_point: bool = True
+
+
+def _vanilla_reference_points(u_w: torch.Tensor, u_l: torch.Tensor, detach: bool):
+    """``(z for the desirable side, z for the undesirable side)``: the other side's mean log-ratio
+    clamped at 0; 0 when that side is empty."""
+
+    def point(u: torch.Tensor) -> torch.Tensor:
+        z = u.mean().clamp_min(0.0) if u.numel() else u.new_zeros(())
+        return z.detach() if detach else z
+
+    return point(u_l), point(u_w)
 
 
 def _kto_reference_point(kl, policy_kl_logps, ref_kl_logps, like: torch.Tensor) -> torch.Tensor:
@@ -91,7 +112,8 @@ def kto_loss(
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
-    loss_type: Literal["kto", "apo_zero_unpaired"] = "kto",
+    loss_type: Literal["kto", "apo_zero_unpaired", "vanilla"] = "kto",
+    vanilla: VanillaKTOOptions | None = None,
 ) -> LossOutput:
     """KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization",
     arXiv:2402.01306; TRL ``KTOTrainer``) and its ``apo_zero_unpaired`` variant (D'Oosterlinck
@@ -105,8 +127,18 @@ def kto_loss(
     with float64 log-probs stays float64.
     ``kto``: desirable ``λ_D σ(-β(u - z0))``, undesirable ``λ_U σ(-β(z0 - u))``.
     ``apo_zero_unpaired``: desirable ``λ_D σ(-βu)``, undesirable ``λ_U σ(βu)``, no z0.
-    Defaults are TRL's (β=0.1, λ_D=λ_U=1). Metrics: ``kl`` (z0), ``rewards/chosen`` (mean ``βu``
-    of desirable), ``rewards/rejected``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``.
+    ``vanilla`` (OpenRLHF's ``VanillaKTOLoss``, for batches with both sides; Hu et al. 2024,
+    "OpenRLHF", arXiv:2405.11143): no mismatched pairs and no KL reference point; each side is
+    measured against the other side's mean log-ratio, ``z_D = clamp_min(mean u_l, 0)``,
+    ``z_U = clamp_min(mean u_w, 0)`` (0 when that side is empty): desirable
+    ``λ_D σ(-β(u_w - z_D))``, undesirable ``λ_U σ(-β(z_U - u_l))`` (OpenRLHF: λ = 1).
+    ``vanilla=VanillaKTOOptions(detach_reference_point=False)`` backpropagates through ``z``.
+    Defaults are TRL's (β=0.1, λ_D=λ_U=1). Metrics: ``kl`` (z0; ``vanilla``: ``kl/chosen = z_U``,
+    ``kl/rejected = z_D``), ``rewards/chosen`` (mean ``βu`` of desirable), ``rewards/rejected``,
+    ``rewards/margins``, ``logps/chosen``, ``logps/rejected``.
+
+    Tests (tests/test_losses_binary.py): ``kto`` / ``apo_zero_unpaired`` against float64 and TRL;
+    ``vanilla``: ``test_kto_vanilla_vs_float64``.
     """
     check_choice("loss_type", loss_type, _KTO_LOSS_TYPES)
     p_w, p_l, r_w, r_l = _unpaired(
@@ -114,17 +146,27 @@ def kto_loss(
     )
     u_w, u_l = p_w - r_w, p_l - r_l
 
+    if vanilla is not None and (loss_type != "vanilla" or not isinstance(vanilla, VanillaKTOOptions)):
+        raise ValueError("vanilla= takes a VanillaKTOOptions and is read by loss_type='vanilla' only")
+    metrics: dict[str, torch.Tensor] = {}
     if loss_type == "kto":
         z0 = _kto_reference_point(kl, policy_kl_logps, ref_kl_logps, u_w)
         chosen_losses = torch.sigmoid(-beta * (u_w - z0))
         rejected_losses = torch.sigmoid(-beta * (z0 - u_l))
+    elif loss_type == "vanilla":
+        detach = (vanilla or VanillaKTOOptions()).detach_reference_point
+        z_d, z_u = _vanilla_reference_points(u_w, u_l, detach)
+        chosen_losses = torch.sigmoid(-beta * (u_w - z_d))
+        rejected_losses = torch.sigmoid(-beta * (z_u - u_l))
+        metrics = {"kl/chosen": z_u.detach(), "kl/rejected": z_d.detach()}
     else:
         z0 = u_w.new_zeros(())
         chosen_losses = torch.sigmoid(-beta * u_w)
         rejected_losses = torch.sigmoid(beta * u_l)
 
     losses = torch.cat((desirable_weight * chosen_losses, undesirable_weight * rejected_losses))
-    metrics = {"kl": z0.detach()}
+    if loss_type != "vanilla":
+        metrics["kl"] = z0.detach()
     metrics.update(_unpaired_metrics(beta * u_w, beta * u_l, p_w, p_l))
     return LossOutput(_mean_or_zero(losses, u_w), losses, metrics)
 

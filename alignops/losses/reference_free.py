@@ -51,10 +51,12 @@ def _contrastive(
     """Per-pair contrastive loss on a policy margin ``x``.
 
     sigmoid: ``(1-ε) softplus(-βx) + ε softplus(βx)``; margin types (simpo, tpo-l) use ``βx - γ``;
-    hinge: ``relu(1 - βx)``; ipo: ``(x - 1/(2β))²``.
+    hinge: ``relu(1 - βx)``; simpo_hinge: ``relu(1 - (βx - γ))``; ipo: ``(x - 1/(2β))²``.
     """
     if loss_type == "hinge":
         return torch.relu(1.0 - beta * margin)
+    if loss_type == "simpo_hinge":
+        return torch.relu(1.0 - (beta * margin - gamma))
     if loss_type == "ipo":
         return ipo(margin, beta)
     return logistic(beta * margin - (gamma if loss_type != "sigmoid" else 0.0), label_smoothing)
@@ -70,7 +72,7 @@ def _alpha_reward(logps: torch.Tensor, alpha: float) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 
-_CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
+_CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo", "simpo_hinge")
 
 
 def cpo_loss(
@@ -80,7 +82,7 @@ def cpo_loss(
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
     beta: float = 0.1,
-    loss_type: Literal["sigmoid", "hinge", "ipo", "simpo", "alphapo"] = "sigmoid",
+    loss_type: Literal["sigmoid", "hinge", "ipo", "simpo", "alphapo", "simpo_hinge"] = "sigmoid",
     label_smoothing: float = 0.0,
     cpo_alpha: float = 1.0,
     simpo_gamma: float = 0.5,
@@ -99,14 +101,15 @@ def cpo_loss(
             length-normalised types (``ipo``, ``simpo``, ``alphapo`` use ``A = S/max(1,n)``) and by the
             NLL term when ``cpo_alpha != 0`` and ``nll_loss`` is not given.
         beta: β (TRL default 0.1). loss_type: ``sigmoid`` (CPO), ``hinge``, ``ipo``, ``simpo``,
-            ``alphapo`` (= ``simpo`` with ``cpo_alpha = 0``, as TRL's config does).
+            ``alphapo`` (= ``simpo`` with ``cpo_alpha = 0``, as TRL's config does), and
+            ``simpo_hinge`` (not in TRL: the SimPO repository's hinge, ``relu(1 - (βΔA - γ))``).
         label_smoothing: ε for ``sigmoid`` / ``simpo`` only. simpo_gamma: γ, margin for ``simpo``.
         cpo_alpha: weight of the NLL on chosen completions (TRL default 1.0).
         alpha: AlphaPO reward shape ``r = (1 - p^{-α})/α``; ``0`` uses the log-probs themselves.
         nll_loss: precomputed scalar NLL replacing the token mean ``-Σ S_w / Σ n_w``.
 
     Loss per pair: ``ℓ = f(r_w - r_l) + cpo_alpha · NLL`` where ``r`` is ``x`` (or the AlphaPO
-    reward of ``x``), ``x = A`` for ipo/simpo else ``S``, and ``f`` is the contrastive loss
+    reward of ``x``), ``x = A`` for ipo / simpo / simpo_hinge else ``S``, and ``f`` is the contrastive loss
     (``simpo``: ``(1-ε) softplus(-(βΔr - γ)) + ε softplus(βΔr - γ)``). Metrics: ``rewards/*`` with
     reward ``β·r``, ``logps/*`` (the ``x`` used), ``nll_loss``.
     """
@@ -120,7 +123,7 @@ def cpo_loss(
     s_l = vec("policy_rejected_logps", policy_rejected_logps, s_w.shape[0])
     batch = s_w.shape[0]
 
-    average_types = loss_type in ("ipo", "simpo")
+    average_types = loss_type in ("ipo", "simpo", "simpo_hinge")
     n_w = n_l = None
     if average_types or (cpo_alpha != 0 and nll_loss is None):
         why = (
@@ -160,19 +163,27 @@ def simpo_loss(
     label_smoothing: float = 0.0,
     cpo_alpha: float = 0.0,
     nll_loss: torch.Tensor | float | None = None,
+    loss_type: Literal["sigmoid", "hinge"] = "sigmoid",
 ) -> LossOutput:
     """SimPO (Meng, Xia, Chen 2024, "SimPO: Simple Preference Optimization with a Reference-Free
-    Reward", arXiv:2405.14734): ``ℓ = (1-ε) softplus(-(β(a_w - a_l) - γ)) + ε softplus(β(a_w - a_l) - γ)``.
+    Reward", arXiv:2405.14734) with ``x = β(a_w - a_l) - γ``:
+
+    * ``loss_type="sigmoid"``: ``ℓ = (1-ε) softplus(-x) + ε softplus(x)`` (the paper; TRL
+      ``CPOTrainer(loss_type="simpo")``), test ``test_simpo_matches_reference``;
+    * ``loss_type="hinge"``: ``ℓ = relu(1 - x)`` (the SimPO repository's ``loss_type="hinge"``; no
+      label smoothing), test ``test_simpo_hinge_vs_float64``.
 
     ``a = S/max(1, n)`` from the summed log-probs ``[B]`` and counts ``[B]``. Defaults are TRL's
     ``CPOConfig`` (β=0.1, γ=0.5), not the paper's (β=2.0–2.5, γ/β=0.25–0.55). ``cpo_alpha > 0``
     adds the chosen NLL (CPO-SimPO). Rewards logged: ``β·a``. Same as
-    ``cpo_loss(loss_type="simpo", cpo_alpha=0.0)``.
+    ``cpo_loss(loss_type="simpo" | "simpo_hinge", cpo_alpha=0.0)``.
     """
+    check_choice("loss_type", loss_type, ("sigmoid", "hinge"))
     options = dict(beta=beta, simpo_gamma=simpo_gamma, label_smoothing=label_smoothing, nll_loss=nll_loss)
     n = dict(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    cpo_type = "simpo" if loss_type == "sigmoid" else "simpo_hinge"
     return cpo_loss(
-        policy_chosen_logps, policy_rejected_logps, loss_type="simpo", cpo_alpha=cpo_alpha, **n, **options
+        policy_chosen_logps, policy_rejected_logps, loss_type=cpo_type, cpo_alpha=cpo_alpha, **n, **options
     )
 
 
