@@ -1,4 +1,5 @@
-"""The ``alignops`` command: ``alignops bench ...`` and ``alignops kernels --arch ...``."""
+"""The alignops command: benchmarks (alignops bench) and the ahead-of-time kernel build report
+(alignops kernels). Run "alignops <command> --help" for a command's options."""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="alignops", description=__doc__)
-    parser.add_argument("command", choices=["bench", "kernels"], help="what to run")
+    parser.add_argument(
+        "command",
+        choices=["bench", "kernels"],
+        help="bench: time and memory against the alternatives; kernels: compile every Triton kernel "
+        "for sm_80 / sm_90a and report registers and spills",
+    )
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0
