@@ -1,5 +1,6 @@
 """The alignops command: benchmarks (alignops bench), the ahead-of-time kernel build report
-(alignops kernels) and the reference-log-prob cache (alignops precompute, alignops cache). Run "alignops <command> --help" for a command's options."""
+(alignops kernels) and the reference-log-prob cache (alignops precompute, alignops cache). Run
+"alignops <command> --help" for a command's options."""
 
 from __future__ import annotations
 

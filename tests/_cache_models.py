@@ -28,7 +28,9 @@ def make_tokenizer():
     vocab = {t: i for i, t in enumerate(SPECIALS + WORDS + ["user", "assistant", ":"])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
+    )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
@@ -36,7 +38,9 @@ def make_tokenizer():
     return fast
 
 
-def make_model_dir(path: Path, *, seed: int = 0, vocab: int = VOCAB, layers: int = 2, hidden: int = 24) -> Path:
+def make_model_dir(
+    path: Path, *, seed: int = 0, vocab: int = VOCAB, layers: int = 2, hidden: int = 24
+) -> Path:
     """Save a random tiny Llama (float32) and the tokenizer to ``path``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -70,12 +74,14 @@ def preference_rows(n: int, seed: int = 0, chat: bool = False) -> list[dict]:
     for i in range(n):
         p, c, r = _text(rng, 1, 7), _text(rng, 1, 9), _text(rng, 1, 9)
         if chat:
-            rows.append({
-                "id": f"ex{i}",
-                "prompt": [{"role": "user", "content": p}],
-                "chosen": [{"role": "assistant", "content": c}],
-                "rejected": [{"role": "assistant", "content": r}],
-            })
+            rows.append(
+                {
+                    "id": f"ex{i}",
+                    "prompt": [{"role": "user", "content": p}],
+                    "chosen": [{"role": "assistant", "content": c}],
+                    "rejected": [{"role": "assistant", "content": r}],
+                }
+            )
         else:
             rows.append({"id": f"ex{i}", "prompt": p, "chosen": c, "rejected": r})
     return rows

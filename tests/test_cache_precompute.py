@@ -20,7 +20,6 @@ from alignops.cache import (  # noqa: E402
     precompute,
     reference_logps,
 )
-
 from tests._assert import assert_close, assert_topk  # noqa: E402
 from tests._cache_models import make_model_dir, make_tokenizer, preference_rows, write_jsonl  # noqa: E402
 
@@ -35,7 +34,9 @@ def built(tmp_path_factory):
     rows = preference_rows(N_ROWS, seed=2)
     data = write_jsonl(root / "data.jsonl", rows)
     cache_dir = root / "cache"
-    precompute(model_dir, data, cache_dir, batch_size=4, shard_size=8, per_token=True, topk=TOPK, progress=False)
+    precompute(
+        model_dir, data, cache_dir, batch_size=4, shard_size=8, per_token=True, topk=TOPK, progress=False
+    )
     ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir).double().eval()
     return {"model": model_dir, "rows": rows, "cache": cache_dir, "ref": ref, "tok": make_tokenizer()}
 
@@ -45,7 +46,9 @@ def _live(ref, prompt: list[int], comp: list[int]) -> torch.Tensor:
     ids = torch.tensor([prompt + comp])
     with torch.no_grad():
         logp = torch.log_softmax(ref(input_ids=ids).logits[0].double(), -1)
-    return logp[len(prompt) - 1 : -1], logp[len(prompt) - 1 : -1].gather(-1, ids[0, len(prompt) :, None])[:, 0]
+    return logp[len(prompt) - 1 : -1], logp[len(prompt) - 1 : -1].gather(-1, ids[0, len(prompt) :, None])[
+        :, 0
+    ]
 
 
 def test_cached_values_equal_live_reference(built):
@@ -126,8 +129,12 @@ def test_collator_and_padded_batch_on_device(built):
         feats.append({"prompt_input_ids": p, "chosen_input_ids": c, "rejected_input_ids": j, "score": 1.5})
     loader = torch.utils.data.DataLoader(feats, batch_size=5, collate_fn=ReferenceCollator(cache))
     batch = next(iter(loader))
-    live_c = torch.stack([_live(built["ref"], f["prompt_input_ids"], f["chosen_input_ids"])[1].sum() for f in feats])
-    live_r = torch.stack([_live(built["ref"], f["prompt_input_ids"], f["rejected_input_ids"])[1].sum() for f in feats])
+    live_c = torch.stack(
+        [_live(built["ref"], f["prompt_input_ids"], f["chosen_input_ids"])[1].sum() for f in feats]
+    )
+    live_r = torch.stack(
+        [_live(built["ref"], f["prompt_input_ids"], f["rejected_input_ids"])[1].sum() for f in feats]
+    )
     assert_close("collator chosen", live_c, batch["ref_chosen_logps"], atol=2e-5, rtol=2e-6)
     assert_close("collator rejected", live_r, batch["ref_rejected_logps"], atol=2e-5, rtol=2e-6)
     assert batch["chosen_input_ids"].shape[0] == 5 and batch["score"].tolist() == [1.5] * 5
@@ -138,7 +145,9 @@ def test_collator_and_padded_batch_on_device(built):
     assert refs["ref_chosen_logps"].device == padded["chosen_input_ids"].device
     n = refs["ref_chosen_logps_token_mask"].sum(-1)
     assert n.tolist() == [len(f["chosen_input_ids"]) for f in feats]
-    assert_close("per-token sums", refs["ref_chosen_logps"], refs["ref_chosen_logps_token_logps"].sum(-1), atol=1e-5)
+    assert_close(
+        "per-token sums", refs["ref_chosen_logps"], refs["ref_chosen_logps_token_logps"].sum(-1), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "datasets"])
@@ -158,11 +167,17 @@ def test_layouts_and_formats(built, tmp_path, fmt):
         "binary": [{"prompt": text(3), "completion": text(4 + i % 3), "label": i % 2 == 0} for i in range(5)],
         "listwise": [{"prompt": text(2), "completions": [text(3), text(5), text(2)]} for _ in range(3)],
         "completion": [
-            {"prompt": [{"role": "user", "content": text(3)}], "completion": [{"role": "assistant", "content": text(4)}]}
+            {
+                "prompt": [{"role": "user", "content": text(3)}],
+                "completion": [{"role": "assistant", "content": text(4)}],
+            }
             for _ in range(3)
         ],
     }
-    pre = [{"prompt_input_ids": tok(text(3))["input_ids"], "completion_input_ids": [5, 9, 11, 3]} for _ in range(3)]
+    pre = [
+        {"prompt_input_ids": tok(text(3))["input_ids"], "completion_input_ids": [5, 9, 11, 3]}
+        for _ in range(3)
+    ]
     cases["completion-pretokenized"] = pre
     for name, rows in cases.items():
         kind = name.split("-")[0]
@@ -189,7 +204,9 @@ def test_layouts_and_formats(built, tmp_path, fmt):
             feats["label"] = [r["label"] for r in rows]
         refs = reference_logps(cache, feats, kind=kind)
         live = torch.stack([_live(built["ref"], p, c)[1].sum() for p, c in seqs])
-        assert_close(f"{name} {fmt}", live.view(len(rows), -1).squeeze(-1), refs["ref_logps"], atol=2e-5, rtol=2e-6)
+        assert_close(
+            f"{name} {fmt}", live.view(len(rows), -1).squeeze(-1), refs["ref_logps"], atol=2e-5, rtol=2e-6
+        )
         if kind == "binary":
             lab = torch.tensor(feats["label"])
             assert_close("kto chosen", live[lab], refs["ref_chosen_logps"], atol=2e-5, rtol=2e-6)

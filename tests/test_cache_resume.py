@@ -16,7 +16,6 @@ import pytest
 pytest.importorskip("transformers")
 
 from alignops.cache import CacheIncompleteError, ReferenceCache  # noqa: E402
-
 from tests._cache_models import make_model_dir, preference_rows, write_jsonl  # noqa: E402
 
 ARGS = ["--batch-size", "3", "--shard-size", "6", "--per-token", "--topk", "4"]
@@ -76,7 +75,10 @@ def test_sigkill_then_rerun_equals_uninterrupted(base, tmp_path):
         ReferenceCache(out)
     r = _cli("--model", str(base["model"]), "--data", str(base["data"]), "--output", str(out), *ARGS)
     assert f"{written} of 6 shards ({written * 6} sequences) already cached" in r.stderr, r.stderr
-    assert f"computed {34 - written * 6} sequences" in r.stdout and f"{written * 6} sequences were already cached" in r.stdout
+    assert (
+        f"computed {34 - written * 6} sequences" in r.stdout
+        and f"{written * 6} sequences were already cached" in r.stdout
+    )
     assert _files(out) == _files(base["whole"])
     r = _cli("--model", str(base["model"]), "--data", str(base["data"]), "--output", str(out), *ARGS)
     assert "computed 0 sequences" in r.stdout and _files(out) == _files(base["whole"])

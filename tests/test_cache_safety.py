@@ -23,7 +23,6 @@ from alignops.cache import (  # noqa: E402
     verify_cache,
 )
 from alignops.cache.cli import cache_main  # noqa: E402
-
 from tests._cache_models import make_model_dir, preference_rows, write_jsonl  # noqa: E402
 
 
@@ -48,7 +47,9 @@ def _shard(path):
 
 
 def test_intact_cache_opens_and_verifies(built, capsys):
-    cache = ReferenceCache(built["cache"], model=built["model"], options={"temperature": 1.0, "dtype": "float32"})
+    cache = ReferenceCache(
+        built["cache"], model=built["model"], options={"temperature": 1.0, "dtype": "float32"}
+    )
     assert len(cache) == 14
     assert cache_main(["verify", str(built["cache"]), "--model", str(built["model"])]) == 0
     assert "every checksum and the model's fingerprint matches" in capsys.readouterr().out
@@ -117,7 +118,9 @@ def test_other_options_are_refused(built, options, field):
 
 def test_precompute_refuses_to_mix_runs(built, copy):
     with pytest.raises(CacheError, match="another run .*options"):
-        precompute(built["model"], built["data"], copy, temperature=0.5, batch_size=3, shard_size=6, progress=False)
+        precompute(
+            built["model"], built["data"], copy, temperature=0.5, batch_size=3, shard_size=6, progress=False
+        )
     other = make_model_dir(copy.parent / "other", seed=12)
     with pytest.raises(CacheError, match="another run .*fingerprint"):
         precompute(other, built["data"], copy, batch_size=3, shard_size=6, progress=False)
@@ -143,7 +146,11 @@ def test_missing_values_and_bad_arguments(built, tmp_path):
         sequence_key([[4, 5]], 1)
     assert sequence_key([4, 5, 6], 1) != sequence_key([4, 5, 6], 2) != sequence_key([4, 5, 6], 2, "a")
     assert sequence_key(torch.tensor([4, 5, 6]).tolist(), 1) == sequence_key((4, 5, 6), 1)
-    for kwargs, msg in [({"dtype": "int8"}, "unknown dtype"), ({"topk": 65}, "topk"), ({"temperature": 0.0}, "temperature")]:
+    for kwargs, msg in [
+        ({"dtype": "int8"}, "unknown dtype"),
+        ({"topk": 65}, "topk"),
+        ({"temperature": 0.0}, "temperature"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             precompute(built["model"], built["data"], tmp_path / "x", progress=False, **kwargs)
     bad = tmp_path / "bad.jsonl"

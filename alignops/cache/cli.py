@@ -22,8 +22,12 @@ def precompute_main(argv: list[str]) -> int:
     p.add_argument("--output", required=True, help="cache directory")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--split", default=None, help="split of a saved DatasetDict")
-    p.add_argument("--kind", default=None, choices=["preference", "binary", "listwise", "completion"],
-                   help="dataset layout (default: recognised from the columns)")
+    p.add_argument(
+        "--kind",
+        default=None,
+        choices=["preference", "binary", "listwise", "completion"],
+        help="dataset layout (default: recognised from the columns)",
+    )
     p.add_argument("--id-column", default=None, help="column whose value joins each sequence's key")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--shard-size", type=int, default=1024, help="sequences per shard file")
@@ -38,10 +42,23 @@ def precompute_main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     try:
         r = precompute(
-            a.model, a.data, a.output, dtype=a.dtype, split=a.split, kind=a.kind, id_column=a.id_column,
-            batch_size=a.batch_size, shard_size=a.shard_size, max_length=a.max_length, add_eos=not a.no_eos,
-            per_token=a.per_token, topk=a.topk, temperature=a.temperature, device=a.device,
-            overwrite=a.overwrite, progress=not a.quiet,
+            a.model,
+            a.data,
+            a.output,
+            dtype=a.dtype,
+            split=a.split,
+            kind=a.kind,
+            id_column=a.id_column,
+            batch_size=a.batch_size,
+            shard_size=a.shard_size,
+            max_length=a.max_length,
+            add_eos=not a.no_eos,
+            per_token=a.per_token,
+            topk=a.topk,
+            temperature=a.temperature,
+            device=a.device,
+            overwrite=a.overwrite,
+            progress=not a.quiet,
         )
     except (CacheError, ValueError, TypeError, FileNotFoundError) as e:
         print(f"alignops precompute: error: {e}", file=sys.stderr)
@@ -69,7 +86,10 @@ def cache_main(argv: list[str]) -> int:
         if a.action == "verify":
             m = verify_cache(a.cache_dir, model=a.model)
             fp = " and the model's fingerprint" if a.model else ""
-            print(f"ok: {len(m['shards'])} shards, {m['totals']['sequences']} sequences; every checksum{fp} matches")
+            print(
+                f"ok: {len(m['shards'])} shards, {m['totals']['sequences']} sequences; "
+                f"every checksum{fp} matches"
+            )
         else:
             from .store import read_manifest
 

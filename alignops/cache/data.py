@@ -66,7 +66,9 @@ def load_rows(data: str | os.PathLike, *, split: str | None = None) -> list[dict
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    raise ValueError(f"unknown dataset format {path.suffix!r} (use .jsonl, .parquet or a saved datasets directory)")
+    raise ValueError(
+        f"unknown dataset format {path.suffix!r} (use .jsonl, .parquet or a saved datasets directory)"
+    )
 
 
 def detect_kind(columns) -> str:
@@ -108,8 +110,10 @@ def _text_pair(tokenizer, prompt, completion, add_eos: bool) -> tuple[list[int],
             raise ValueError("the chat template renders the conversation without its prompt as a prefix")
         return _tok(tokenizer, head, False), _tok(tokenizer, full[len(head) :], False)
     if not isinstance(prompt, str) or not isinstance(completion, str):
-        raise TypeError(f"prompt and completion must be text or messages, got {type(prompt).__name__}, "
-                        f"{type(completion).__name__}")
+        raise TypeError(
+            f"prompt and completion must be text or messages, got {type(prompt).__name__}, "
+            f"{type(completion).__name__}"
+        )
     ids = _tok(tokenizer, completion, False)
     if add_eos:
         if tokenizer.eos_token_id is None:
@@ -155,13 +159,17 @@ def example_sequences(
     out = []
     for prompt, comp in pairs:
         if not prompt:
-            raise ValueError("a sequence needs at least one prompt token (the first completion token is "
-                             "scored from the position before it); add a BOS token")
+            raise ValueError(
+                "a sequence needs at least one prompt token (the first completion token is "
+                "scored from the position before it); add a BOS token"
+            )
         if not comp:
             raise ValueError("a sequence has an empty completion")
         if max_length is not None and len(prompt) + len(comp) > max_length:
             if len(prompt) >= max_length:
-                raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room under max_length={max_length}")
+                raise ValueError(
+                    f"a prompt of {len(prompt)} tokens leaves no room under max_length={max_length}"
+                )
             comp = comp[: max_length - len(prompt)]
         out.append((prompt, comp))
     return out

@@ -83,7 +83,9 @@ def reference_logps(
         sums, _ = cache.sequence_logps(prompt_ids=ps, completion_ids=comps, example_ids=eids, device=device)
         out[name] = sums.view(len(prompts), -1) if kind == "listwise" else sums
         if per_token:
-            tok, mask = cache.token_logps(prompt_ids=ps, completion_ids=comps, example_ids=eids, device=device)
+            tok, mask = cache.token_logps(
+                prompt_ids=ps, completion_ids=comps, example_ids=eids, device=device
+            )
             out[f"{name}_token_logps"], out[f"{name}_token_mask"] = tok, mask
 
     if kind == "preference":
@@ -95,7 +97,10 @@ def reference_logps(
         one("ref_logps", _ids(batch, "completion_input_ids"), example_ids)
         if kind == "binary":
             label = torch.as_tensor(batch["label"], dtype=torch.bool, device=device)
-            out["ref_chosen_logps"], out["ref_rejected_logps"] = out["ref_logps"][label], out["ref_logps"][~label]
+            out["ref_chosen_logps"], out["ref_rejected_logps"] = (
+                out["ref_logps"][label],
+                out["ref_logps"][~label],
+            )
     return out
 
 

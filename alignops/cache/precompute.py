@@ -36,13 +36,17 @@ from ._format import (
     read_json,
     sequence_key,
     shard_name,
-    sidecar_name,
     write_json_atomic,
 )
 from .data import detect_kind, example_sequences, load_rows
 from .store import shard_done, write_shard
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
 PROGRESS_PERIOD_S = 0.5
 
 
@@ -87,7 +91,8 @@ class _Progress:
             eta_s = "?" if eta == float("inf") else time.strftime("%H:%M:%S", time.gmtime(eta))
             pct = 100.0 * self.done / max(self.total, 1)
             sys.stderr.write(
-                f"\r{self.label} {self.done}/{self.total} tokens ({pct:5.1f}%) {rate:,.0f} tokens/s ETA {eta_s}"
+                f"\r{self.label} {self.done}/{self.total} tokens ({pct:5.1f}%) "
+                f"{rate:,.0f} tokens/s ETA {eta_s}"
             )
             sys.stderr.flush()
 
@@ -148,7 +153,12 @@ def _score_batch(decoder, weight, bias, seqs: list[_Seq], opts: dict, device) ->
     if opts["logit_scale"] != 1.0:
         hidden = hidden * opts["logit_scale"]
     lp = linear_logprobs(
-        hidden, weight, targets, bias=bias, temperature=opts["temperature"], softcap=opts["softcap"],
+        hidden,
+        weight,
+        targets,
+        bias=bias,
+        temperature=opts["temperature"],
+        softcap=opts["softcap"],
         topk=opts["topk"],
     )
     mask = targets != -100
@@ -166,7 +176,9 @@ def _score_batch(decoder, weight, bias, seqs: list[_Seq], opts: dict, device) ->
 
 def _clear(root: Path) -> None:
     for p in root.iterdir():
-        if p.name in (RUN_FILE, MANIFEST_FILE) or (p.name.startswith("shard-") and p.suffix in (".json", ".safetensors")):
+        if p.name in (RUN_FILE, MANIFEST_FILE) or (
+            p.name.startswith("shard-") and p.suffix in (".json", ".safetensors")
+        ):
             p.unlink()
 
 
@@ -258,8 +270,13 @@ def precompute(
         "fingerprint": fingerprint,
         "options": opts,
         "data": {"kind": kind, "examples": len(rows), "id_column": id_column},
-        "plan": {"sha256": plan_hash.hexdigest(), "shards": len(shards), "sequences": len(seqs),
-                 "batch_size": batch_size, "shard_size": shard_size},
+        "plan": {
+            "sha256": plan_hash.hexdigest(),
+            "shards": len(shards),
+            "sequences": len(seqs),
+            "batch_size": batch_size,
+            "shard_size": shard_size,
+        },
     }
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -274,7 +291,9 @@ def precompute(
                     )
                 _clear(root)
         elif any(root.iterdir()) and not overwrite:
-            raise CacheError(f"{str(output)!r} is not empty and holds no reference cache; refusing to write there")
+            raise CacheError(
+                f"{str(output)!r} is not empty and holds no reference cache; refusing to write there"
+            )
         if not (root / RUN_FILE).is_file():
             write_json_atomic(root / RUN_FILE, run)
     _barrier(world)
@@ -290,13 +309,20 @@ def precompute(
     if progress:
         sys.stderr.write(
             f"{label}: {len(mine) - len(todo)} of {len(mine)} shards ({skipped} sequences) already cached; "
-            f"computing {sum(len(shards[i]) for i in todo)} sequences ({todo_tokens} tokens) in {len(todo)} shards\n"
+            f"computing {sum(len(shards[i]) for i in todo)} sequences ({todo_tokens} tokens) "
+            f"in {len(todo)} shards\n"
         )
     computed = 0
     t_run = time.perf_counter()
     if todo:
-        device = torch.device(device) if device is not None else (
-            torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+        device = (
+            torch.device(device)
+            if device is not None
+            else (
+                torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+                if torch.cuda.is_available()
+                else torch.device("cpu")
+            )
         )
         net = AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype]).to(device).eval()
         head = net.get_output_embeddings()
@@ -308,12 +334,16 @@ def precompute(
                 parts = []
                 for j in range(0, len(shards[i]), batch_size):
                     batch = shards[i][j : j + batch_size]
-                    parts.append(_score_batch(decoder, head.weight, getattr(head, "bias", None), batch, opts, device))
+                    parts.append(
+                        _score_batch(decoder, head.weight, getattr(head, "bias", None), batch, opts, device)
+                    )
                     bar.update(sum(len(s.ids) for s in batch))
                 tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
                 tensors["keys"] = torch.tensor([list(s.key) for s in shards[i]], dtype=torch.uint8)
                 if per_token or topk:
-                    tensors["offsets"] = torch.cat([torch.zeros(1, dtype=torch.int64), tensors["counts"].cumsum(0)])
+                    tensors["offsets"] = torch.cat(
+                        [torch.zeros(1, dtype=torch.int64), tensors["counts"].cumsum(0)]
+                    )
                 write_shard(root, i, tensors)
                 computed += len(shards[i])
                 if on_shard is not None:
@@ -326,7 +356,9 @@ def precompute(
         missing = [i for i, r in enumerate(records) if r is None]
         if missing:
             raise CacheError(f"shards {missing[:8]} are missing or damaged after precompute; rerun it")
-        manifest = dict(run, library_version=__version__, model_name=Path(model).resolve().name, shards=records)
+        manifest = dict(
+            run, library_version=__version__, model_name=Path(model).resolve().name, shards=records
+        )
         manifest["totals"] = {"sequences": len(seqs), "tokens": sum(r["tokens"] for r in records)}
         write_json_atomic(root / MANIFEST_FILE, manifest)
     _barrier(world)

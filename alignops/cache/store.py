@@ -131,7 +131,9 @@ def verify_cache(
     root = Path(path)
     manifest = read_manifest(root)
     if model is not None:
-        check_fingerprints(manifest["fingerprint"], model_fingerprint(model), f"reference cache {str(path)!r}")
+        check_fingerprints(
+            manifest["fingerprint"], model_fingerprint(model), f"reference cache {str(path)!r}"
+        )
     if options:
         check_fingerprints(manifest["options"], options, f"reference cache {str(path)!r}")
     for record in manifest["shards"]:
@@ -151,7 +153,9 @@ def id_lists(x) -> list[list[int]]:
     for row in x:
         if isinstance(row, torch.Tensor):
             if row.dim() != 1 or row.is_floating_point():
-                raise ValueError(f"each sequence must be a 1-D integer tensor, got {tuple(row.shape)} {row.dtype}")
+                raise ValueError(
+                    f"each sequence must be a 1-D integer tensor, got {tuple(row.shape)} {row.dtype}"
+                )
             row = row.tolist()
         out.append([int(t) for t in row])
     return out
@@ -165,9 +169,7 @@ def unpad(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
     return [row[m != 0].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
 
 
-def sequence_keys(
-    prompt_ids, completion_ids, example_ids: Sequence[str] | None = None
-) -> list[bytes]:
+def sequence_keys(prompt_ids, completion_ids, example_ids: Sequence[str] | None = None) -> list[bytes]:
     """Keys of ``B`` sequences ``prompt + completion`` (lists of id lists or 1-D tensors)."""
     prompts, completions = id_lists(prompt_ids), id_lists(completion_ids)
     if len(prompts) != len(completions):
@@ -209,7 +211,9 @@ class ReferenceCache:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         if model is not None:
-            check_fingerprints(self.manifest["fingerprint"], model_fingerprint(model), f"reference cache {str(path)!r}")
+            check_fingerprints(
+                self.manifest["fingerprint"], model_fingerprint(model), f"reference cache {str(path)!r}"
+            )
         if options:
             check_fingerprints(self.manifest["options"], options, f"reference cache {str(path)!r}")
         self.per_token = bool(self.manifest["options"]["per_token"])
@@ -220,9 +224,15 @@ class ReferenceCache:
             if verify:
                 check_shard_file(self.path, record)
             else:
-                size = (self.path / record["file"]).stat().st_size if (self.path / record["file"]).is_file() else -1
+                size = (
+                    (self.path / record["file"]).stat().st_size
+                    if (self.path / record["file"]).is_file()
+                    else -1
+                )
                 if size != record["bytes"]:
-                    raise CacheCorruptError(f"shard {record['file']} has {size} bytes, recorded {record['bytes']}")
+                    raise CacheCorruptError(
+                        f"shard {record['file']} has {size} bytes, recorded {record['bytes']}"
+                    )
             try:
                 f = safe_open(str(self.path / record["file"]), framework="pt")
                 keys = f.get_tensor("keys").numpy()
@@ -232,7 +242,9 @@ class ReferenceCache:
             except Exception as e:  # a header or tensor the format does not allow
                 raise CacheCorruptError(f"shard {record['file']} cannot be read: {e}") from e
             if keys.shape != (record["sequences"], KEY_BYTES):
-                raise CacheCorruptError(f"shard {record['file']} holds keys {keys.shape}, record says {record}")
+                raise CacheCorruptError(
+                    f"shard {record['file']} holds keys {keys.shape}, record says {record}"
+                )
             self._files.append(f)
             for r, k in enumerate(keys):
                 self._index[k.tobytes()] = _Loc(s, r)
@@ -267,7 +279,11 @@ class ReferenceCache:
         """``(sums [B] float32, counts [B] int64)`` of ``B`` sequences, on ``device``."""
         locs = self._locate(self._keys(keys, prompt_ids, completion_ids, example_ids))
         sums = torch.stack([self._sums[l.shard][l.row] for l in locs]) if locs else torch.zeros(0)
-        counts = torch.stack([self._counts[l.shard][l.row] for l in locs]) if locs else torch.zeros(0, dtype=torch.int64)
+        counts = (
+            torch.stack([self._counts[l.shard][l.row] for l in locs])
+            if locs
+            else torch.zeros(0, dtype=torch.int64)
+        )
         return sums.to(device), counts.to(device)
 
     def _rows(self, name: str, locs: list[_Loc]) -> list[torch.Tensor]:
@@ -297,7 +313,9 @@ class ReferenceCache:
         """The reference's top-k per completion token: ``(ids [B, C, K] int64 (-1 padding),
         logps [B, C, K] float32, mask [B, C] bool)``."""
         if not self.topk:
-            raise CacheError(f"reference cache {str(self.path)!r} holds no top-k values (precompute with --topk K)")
+            raise CacheError(
+                f"reference cache {str(self.path)!r} holds no top-k values (precompute with --topk K)"
+            )
         locs = self._locate(self._keys(keys, prompt_ids, completion_ids, example_ids))
         ids, _ = _pad(self._rows("topk_ids", locs), -1, device)
         logps, mask = _pad(self._rows("topk_logps", locs), 0.0, device)
@@ -323,10 +341,12 @@ class ReferenceCache:
 def describe(m: dict) -> str:
     o, fp = m["options"], m["fingerprint"]
     lines = [
-        f"reference cache, format {m['format']} v{m['format_version']}, written by alignops {m['library_version']}",
+        f"reference cache, format {m['format']} v{m['format_version']}, "
+        f"written by alignops {m['library_version']}",
         f"  model          {m.get('model_name')}  weights sha256 {fp['weights_sha256'][:16]}...  "
         f"config {fp['config_sha256'][:16]}...  tokenizer {(fp['tokenizer_sha256'] or 'none')[:16]}",
-        f"  dataset        {m['data']['kind']}  {m['data']['examples']} examples -> {m['totals']['sequences']} "
+        f"  dataset        {m['data']['kind']}  {m['data']['examples']} examples -> "
+        f"{m['totals']['sequences']} "
         f"sequences, {m['totals']['tokens']} completion tokens",
         "  options        " + "  ".join(f"{k}={o[k]}" for k in sorted(o)),
         f"  values         sums+counts{' per-token' if o['per_token'] else ''}"
