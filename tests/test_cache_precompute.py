@@ -102,6 +102,27 @@ def test_dpo_loss_from_cache_equals_live_reference(built, tmp_path):
     assert not torch.allclose(ref_c, pol_c.detach(), atol=1e-3)  # the reference is not the policy
 
 
+def test_ld_dpo_references_from_per_token_values(built):
+    """LD-DPO (Liu et al. 2024, arXiv:2409.06411): shared-length head + alpha * tail, per pair."""
+    alpha = 0.37
+    rows = built["rows"][:6]
+    batch = {"prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": []}
+    want_c, want_r = [], []
+    for r in rows:
+        (p, c), (_, j) = example_sequences(r, "preference", built["tok"])
+        batch["prompt_input_ids"].append(p)
+        batch["chosen_input_ids"].append(c)
+        batch["rejected_input_ids"].append(j)
+        lc, lr = _live(built["ref"], p, c)[1], _live(built["ref"], p, j)[1]
+        n = min(len(c), len(j))
+        want_c.append(lc[:n].sum() + alpha * lc[n:].sum())
+        want_r.append(lr[:n].sum() + alpha * lr[n:].sum())
+    assert any(len(c) != len(j) for c, j in zip(batch["chosen_input_ids"], batch["rejected_input_ids"]))
+    refs = reference_logps(ReferenceCache(built["cache"]), batch, ld_alpha=alpha)
+    assert_close("ld chosen", torch.stack(want_c), refs["ref_chosen_logps"], atol=2e-5, rtol=2e-6)
+    assert_close("ld rejected", torch.stack(want_r), refs["ref_rejected_logps"], atol=2e-5, rtol=2e-6)
+
+
 def test_shuffled_filtered_dataset_reads_same_values(built):
     cache = ReferenceCache(built["cache"])
     rows = list(built["rows"])

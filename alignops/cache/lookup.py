@@ -46,6 +46,7 @@ def reference_logps(
     kind: str = "preference",
     example_ids=None,
     per_token: bool = False,
+    ld_alpha: float | None = None,
     device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor]:
     """The cached reference values of a batch of tokenized rows.
@@ -61,8 +62,13 @@ def reference_logps(
                   labelled True / False, in order, as :func:`alignops.losses.kto_loss` takes them)
       completion: ``ref_logps [B]``;   listwise: ``ref_logps [B, K]``
     and with ``per_token`` the per-token values ``<name>_token_logps [B, C]`` with their
-    ``<name>_token_mask``. Missing sequences raise :class:`CacheKeyError`.
+    ``<name>_token_mask``. With ``ld_alpha`` (preference, a cache with per-token values) the
+    two references are LD-DPO's length-desensitised sums (:func:`alignops.sequence.ld_dpo_logps`,
+    Liu et al. 2024, arXiv:2409.06411), exactly as the policy's must then be computed.
+    Missing sequences raise :class:`CacheKeyError`.
     """
+    if ld_alpha is not None and kind != "preference":
+        raise ValueError("ld_alpha applies to preference pairs only")
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     if device is None:
@@ -89,8 +95,17 @@ def reference_logps(
             out[f"{name}_token_logps"], out[f"{name}_token_mask"] = tok, mask
 
     if kind == "preference":
+        per_token = per_token or ld_alpha is not None  # LD-DPO needs the per-token values
         one("ref_chosen_logps", _ids(batch, "chosen_input_ids"), example_ids)
         one("ref_rejected_logps", _ids(batch, "rejected_input_ids"), example_ids)
+        if ld_alpha is not None:
+            from ..sequence import ld_dpo_logps
+
+            c, r = "ref_chosen_logps", "ref_rejected_logps"
+            out[c], out[r] = ld_dpo_logps(
+                out[f"{c}_token_logps"], out[f"{r}_token_logps"], chosen_mask=out[f"{c}_token_mask"],
+                rejected_mask=out[f"{r}_token_mask"], ld_alpha=ld_alpha,
+            )  # fmt: skip
     elif kind == "listwise":
         one("ref_logps", batch["completions_input_ids"], example_ids)
     else:
@@ -131,7 +146,8 @@ class ReferenceCollator:
     ``collate_fn`` (default :func:`pad_collate`) builds the batch from the rows; the reference
     values (:func:`reference_logps`) are computed from the rows' own ids and merged in, on
     ``device`` (default CPU: a ``DataLoader`` worker should not touch the GPU; move the batch as
-    usual). ``id_column`` names a row field that joins the key (when the cache was built with one).
+    usual). ``id_column`` names a row field that joins the key (when the cache was built with one);
+    ``per_token`` / ``ld_alpha`` as in :func:`reference_logps`.
     """
 
     def __init__(
@@ -142,19 +158,22 @@ class ReferenceCollator:
         collate_fn: Callable[[list[dict]], dict] | None = None,
         id_column: str | None = None,
         per_token: bool = False,
+        ld_alpha: float | None = None,
         device: torch.device | str | None = "cpu",
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
         self.cache, self.kind, self.collate_fn = cache, kind, collate_fn or pad_collate
         self.id_column, self.per_token, self.device = id_column, per_token, device
+        self.ld_alpha = ld_alpha
 
     def __call__(self, features: list[dict]) -> dict:
         rows = {k: [f[k] for f in features] for k in features[0]}
         eids = None if self.id_column is None else [str(v) for v in rows[self.id_column]]
         refs = reference_logps(
-            self.cache, rows, kind=self.kind, example_ids=eids, per_token=self.per_token, device=self.device
-        )
+            self.cache, rows, kind=self.kind, example_ids=eids, per_token=self.per_token,
+            ld_alpha=self.ld_alpha, device=self.device,
+        )  # fmt: skip
         batch = self.collate_fn(features)
         clash = set(refs) & set(batch)
         if clash:
