@@ -14,13 +14,14 @@ transformers = pytest.importorskip("transformers")
 import alignops  # noqa: E402
 from alignops.cache import (  # noqa: E402
     CacheKeyError,
+    FingerprintMismatchError,
     ReferenceCache,
     ReferenceCollator,
     example_sequences,
     precompute,
     reference_logps,
 )
-from tests._assert import assert_close, assert_topk  # noqa: E402
+from tests._assert import assert_close, assert_close_lowp, assert_topk  # noqa: E402
 from tests._cache_models import make_model_dir, make_tokenizer, preference_rows, write_jsonl  # noqa: E402
 
 N_ROWS = 13  # not a multiple of the batch (4) or the shard (8) size
@@ -159,6 +160,13 @@ def test_collator_and_padded_batch_on_device(built):
     assert_close("collator chosen", live_c, batch["ref_chosen_logps"], atol=2e-5, rtol=2e-6)
     assert_close("collator rejected", live_r, batch["ref_rejected_logps"], atol=2e-5, rtol=2e-6)
     assert batch["chosen_input_ids"].shape[0] == 5 and batch["score"].tolist() == [1.5] * 5
+    pair = cache.pair_logps(
+        [f["prompt_input_ids"] for f in feats],
+        [f["chosen_input_ids"] for f in feats],
+        [f["rejected_input_ids"] for f in feats],
+    )
+    assert torch.equal(pair["ref_chosen_logps"], batch["ref_chosen_logps"])
+    assert torch.equal(pair["ref_rejected_logps"], batch["ref_rejected_logps"])
     # a plain loop on the padded tensors the collator built: the same values, on the batch's device
     padded = {k: v for k, v in batch.items() if not k.startswith("ref_")}
     refs = reference_logps(cache, padded, kind="preference", per_token=True)
@@ -251,3 +259,29 @@ def test_chat_template_and_example_ids(built, tmp_path):
     assert_close("chat", torch.stack([live, live]), a, atol=2e-5, rtol=2e-6)
     with pytest.raises(CacheKeyError):  # keyed with ids: a lookup without the id is not a match
         cache.sequence_logps(prompt_ids=[p], completion_ids=[c])
+
+
+def test_bfloat16_reference(built, tmp_path):
+    """A bf16 reference: the cached sums are as close to float64 (on the bf16 weights) as the
+    model's own bf16 logits path (three-way rule)."""
+    rows = built["rows"][:5]
+    out = tmp_path / "bf16"
+    precompute(built["model"], write_jsonl(tmp_path / "d.jsonl", rows), out, dtype="bfloat16", progress=False)
+    cache = ReferenceCache(out, options={"dtype": "bfloat16"})
+    bf16 = transformers.AutoModelForCausalLM.from_pretrained(built["model"], dtype=torch.bfloat16).eval()
+    ref64 = (
+        transformers.AutoModelForCausalLM.from_pretrained(built["model"], dtype=torch.bfloat16)
+        .double()
+        .eval()
+    )
+    seqs = [s for r in rows for s in example_sequences(r, "preference", built["tok"])]
+    live = torch.stack([_live(ref64, p, c)[1].sum() for p, c in seqs])
+    base = []
+    for p, c in seqs:
+        with torch.no_grad():
+            logits = bf16(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : -1]
+        base.append(torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(c)[:, None]).sum())
+    sums, _ = cache.sequence_logps(prompt_ids=[p for p, _ in seqs], completion_ids=[c for _, c in seqs])
+    assert_close_lowp("bf16 sums", live, sums, torch.stack(base))
+    with pytest.raises(FingerprintMismatchError, match="dtype"):
+        ReferenceCache(out, options={"dtype": "float32"})

@@ -109,9 +109,43 @@ def _dist() -> tuple[int, int, bool]:
         return dist.get_rank(), dist.get_world_size(), False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
         return dist.get_rank(), dist.get_world_size(), True
     return 0, 1, False
+
+
+def _from_rank0(err: str | None, world: int) -> None:
+    """Raise rank 0's error on every rank (so that no rank waits at a barrier for a failed one)."""
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err is not None:
+        raise CacheError(err)
+
+
+def _prepare(root: Path, run: dict, overwrite: bool) -> str | None:
+    """Create the cache directory or check that it holds this run; the reason it cannot, or None."""
+    root.mkdir(parents=True, exist_ok=True)
+    if (root / RUN_FILE).is_file():
+        old = read_json(root / RUN_FILE, "run record")
+        if old != run:
+            diff = sorted(k for k in run if old.get(k) != run[k])
+            if not overwrite:
+                return (
+                    f"{str(root)!r} holds a cache of another run (differs in: {', '.join(diff)}); "
+                    "refusing to mix them. Use another output directory or overwrite=True (--overwrite)."
+                )
+            _clear(root)
+    elif any(root.iterdir()) and not overwrite:
+        return f"{str(root)!r} is not empty and holds no reference cache; refusing to write there"
+    if not (root / RUN_FILE).is_file():
+        write_json_atomic(root / RUN_FILE, run)
+    return None
 
 
 def _barrier(world: int) -> None:
@@ -237,7 +271,6 @@ def precompute(
         raise ValueError(f"topk must be in [0, 64], got {topk}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    t0 = time.perf_counter()
     rank, world, own_group = _dist()
     root = Path(output)
     fingerprint = model_fingerprint(model)
@@ -278,25 +311,7 @@ def precompute(
             "shard_size": shard_size,
         },
     }
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if (root / RUN_FILE).is_file():
-            old = read_json(root / RUN_FILE, "run record")
-            if old != run:
-                diff = sorted(k for k in run if old.get(k) != run[k])
-                if not overwrite:
-                    raise CacheError(
-                        f"{str(output)!r} holds a cache of another run (differs in: {', '.join(diff)}); "
-                        "refusing to mix them. Use another output directory or overwrite=True (--overwrite)."
-                    )
-                _clear(root)
-        elif any(root.iterdir()) and not overwrite:
-            raise CacheError(
-                f"{str(output)!r} is not empty and holds no reference cache; refusing to write there"
-            )
-        if not (root / RUN_FILE).is_file():
-            write_json_atomic(root / RUN_FILE, run)
-    _barrier(world)
+    _from_rank0(_prepare(root, run, overwrite) if rank == 0 else None, world)
 
     mine = [i for i in range(len(shards)) if i % world == rank]
     todo = [i for i in mine if shard_done(root, i) is None]
@@ -351,11 +366,14 @@ def precompute(
         bar.close()
     seconds = time.perf_counter() - t_run
     _barrier(world)
+    err = None
     if rank == 0:
         records = [shard_done(root, i) for i in range(len(shards))]
         missing = [i for i, r in enumerate(records) if r is None]
         if missing:
-            raise CacheError(f"shards {missing[:8]} are missing or damaged after precompute; rerun it")
+            err = f"shards {missing[:8]} are missing or damaged after precompute; rerun it"
+    _from_rank0(err, world)
+    if rank == 0:
         manifest = dict(
             run, library_version=__version__, model_name=Path(model).resolve().name, shards=records
         )
@@ -366,7 +384,6 @@ def precompute(
         import torch.distributed as dist
 
         dist.destroy_process_group()
-    del t0
     return PrecomputeResult(
         path=root,
         sequences=len(seqs),
