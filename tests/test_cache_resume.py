@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from alignops.cache import CacheIncompleteError, ReferenceCache  # noqa: E402
+from alignops.cache import CacheIncompleteError, ReferenceCache, precompute  # noqa: E402
 from tests._cache_models import make_model_dir, preference_rows, write_jsonl  # noqa: E402
 
 ARGS = ["--batch-size", "3", "--shard-size", "6", "--per-token", "--topk", "4"]
@@ -80,8 +80,9 @@ def test_sigkill_then_rerun_equals_uninterrupted(base, tmp_path):
         and f"{written * 6} sequences were already cached" in r.stdout
     )
     assert _files(out) == _files(base["whole"])
-    r = _cli("--model", str(base["model"]), "--data", str(base["data"]), "--output", str(out), *ARGS)
-    assert "computed 0 sequences" in r.stdout and _files(out) == _files(base["whole"])
+    again = precompute(base["model"], base["data"], out, batch_size=3, shard_size=6, per_token=True, topk=4)
+    assert again.computed_sequences == 0 and again.skipped_sequences == 34
+    assert _files(out) == _files(base["whole"])
     ReferenceCache(out, model=base["model"])
 
 
