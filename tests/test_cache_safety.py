@@ -80,6 +80,25 @@ def test_truncated_shard_is_refused(copy, capsys):
     assert "truncated" in capsys.readouterr().err
 
 
+def test_edited_manifest_is_refused(copy):
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["options"]["temperature"] = 0.5  # would make the cache claim other options
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheCorruptError, match="manifest .* fails its checksum"):
+        ReferenceCache(copy)
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(CacheCorruptError, match="cannot be read"):
+        ReferenceCache(copy)
+
+
+def test_cli_precompute_reports_refusals(built, copy, capsys):
+    from alignops.cache.cli import precompute_main
+
+    args = ["--model", str(built["model"]), "--data", str(built["data"]), "--output", str(copy)]
+    assert precompute_main([*args, "--batch-size", "3", "--shard-size", "6", "--temperature", "0.5"]) == 2
+    assert "holds a cache of another run (differs in: options)" in capsys.readouterr().err
+
+
 def test_unfinished_cache_is_refused(copy, capsys):
     (copy / "manifest.json").unlink()
     with pytest.raises(CacheIncompleteError, match="interrupted. Rerun the same precompute"):

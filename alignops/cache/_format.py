@@ -104,6 +104,12 @@ def sequence_key(token_ids: Sequence[int], completion_start: int, example_id: st
     return h.digest()
 
 
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of a manifest's canonical JSON without its own ``manifest_sha256`` field."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -32,6 +32,7 @@ from ._format import (
     MANIFEST_FILE,
     RUN_FILE,
     CacheError,
+    manifest_digest,
     model_fingerprint,
     read_json,
     sequence_key,
@@ -378,6 +379,7 @@ def precompute(
             run, library_version=__version__, model_name=Path(model).resolve().name, shards=records
         )
         manifest["totals"] = {"sequences": len(seqs), "tokens": sum(r["tokens"] for r in records)}
+        manifest["manifest_sha256"] = manifest_digest(manifest)
         write_json_atomic(root / MANIFEST_FILE, manifest)
     _barrier(world)
     if own_group:

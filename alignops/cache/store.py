@@ -28,6 +28,7 @@ from ._format import (
     CacheKeyError,
     check_fingerprints,
     file_sha256,
+    manifest_digest,
     model_fingerprint,
     read_json,
     sequence_key,
@@ -119,6 +120,10 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise CacheError(
             f"reference cache format version {manifest.get('format_version')} is not supported by this "
             f"alignops (reads version {FORMAT_VERSION}); recompute the cache"
+        )
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        raise CacheCorruptError(
+            f"the manifest of {str(path)!r} fails its checksum (edited or damaged): recompute the cache"
         )
     return manifest
 
