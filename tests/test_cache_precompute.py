@@ -22,7 +22,7 @@ from alignops.cache import (  # noqa: E402
     reference_logps,
 )
 from tests._assert import assert_close, assert_close_lowp, assert_topk  # noqa: E402
-from tests._cache_models import make_model_dir, make_tokenizer, preference_rows, write_jsonl  # noqa: E402
+from tests._cache_models import VOCAB, make_model_dir, make_tokenizer, preference_rows, write_jsonl  # noqa: E402
 
 N_ROWS = 13  # not a multiple of the batch (4) or the shard (8) size
 TOPK = 5
@@ -285,3 +285,38 @@ def test_bfloat16_reference(built, tmp_path):
     assert_close_lowp("bf16 sums", live, sums, torch.stack(base))
     with pytest.raises(FingerprintMismatchError, match="dtype"):
         ReferenceCache(out, options={"dtype": "float32"})
+
+
+def _gemma2(path):
+    cfg = transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, final_logit_softcapping=3.0,
+    )  # fmt: skip
+    return transformers.Gemma2ForCausalLM(cfg), "softcap", 3.0
+
+
+def _cohere(path):
+    cfg = transformers.CohereConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, logit_scale=0.37,
+    )  # fmt: skip
+    return transformers.CohereForCausalLM(cfg), "logit_scale", 0.37
+
+
+@pytest.mark.parametrize("make", [_gemma2, _cohere], ids=["gemma2-softcap", "cohere-logit-scale"])
+def test_model_logit_transform_is_applied_and_recorded(tmp_path, make):
+    """The model's own soft-cap / logit scale (read from its config) match its logits."""
+    torch.manual_seed(4)
+    model, field, value = make(tmp_path)
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    rows = preference_rows(3, seed=8)
+    out = tmp_path / "cache"
+    precompute(model_dir, write_jsonl(tmp_path / "d.jsonl", rows), out, progress=False)
+    cache = ReferenceCache(out, options={field: value})
+    ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir).double().eval()
+    seqs = [s for r in rows for s in example_sequences(r, "preference", make_tokenizer())]
+    live = torch.stack([_live(ref, p, c)[1].sum() for p, c in seqs])
+    sums, _ = cache.sequence_logps(prompt_ids=[p for p, _ in seqs], completion_ids=[c for _, c in seqs])
+    assert_close(field, live, sums, atol=2e-5, rtol=2e-6)

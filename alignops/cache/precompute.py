@@ -185,8 +185,6 @@ def _score_batch(decoder, weight, bias, seqs: list[_Seq], opts: dict, device) ->
     ids, attn, targets = ids.to(device), attn.to(device), targets.to(device)
     out = decoder(input_ids=ids, attention_mask=attn)
     hidden = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[:, :-1]
-    if opts["logit_scale"] != 1.0:
-        hidden = hidden * opts["logit_scale"]
     lp = linear_logprobs(
         hidden,
         weight,
@@ -194,6 +192,7 @@ def _score_batch(decoder, weight, bias, seqs: list[_Seq], opts: dict, device) ->
         bias=bias,
         temperature=opts["temperature"],
         softcap=opts["softcap"],
+        logit_scale=opts["logit_scale"],
         topk=opts["topk"],
     )
     mask = targets != -100
