@@ -1,0 +1,243 @@
+"""Per-process bodies of ``tests/test_distributed.py`` (run by ``tests/_distributed.run``): every
+rank builds the same full problem from a fixed seed, keeps its vocabulary slice, and checks the
+vocabulary-parallel outputs and gradients against the float64 single-process computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from _distributed import cut, even_sizes, full_stats_ref, linear_z_ref, max_err, padded_sizes
+
+import alignops
+from alignops.reference.logprobs import cross_entropy_ref, transform_ref
+
+N_SHAPE, H, V = (2, 7), 24, 37  # V = 37: no world size divides it; N = 14 not a block multiple
+STATS = ("logp", "entropy", "lse", "log_sum_p2")
+OUT_NAMES = {"logp": "logps", "entropy": "entropy", "lse": "lse", "log_sum_p2": "log_sum_p2"}
+TF = {"logit_scale": 1.3, "softcap": 9.0, "temperature": 0.8}
+
+
+def problem(dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*N_SHAPE, H, generator=g, dtype=torch.float64).to(dtype)
+    weight = (0.6 * torch.randn(V, H, generator=g, dtype=torch.float64)).to(dtype)
+    bias = (0.5 * torch.randn(V, generator=g, dtype=torch.float64)).to(dtype)
+    targets = torch.randint(0, V, N_SHAPE, generator=g)
+    targets[0, 3] = targets[1, 6] = -100
+    ups = {k: torch.randn(N_SHAPE, generator=g, dtype=torch.float64) for k in STATS}
+    return hidden, weight, bias, targets, ups
+
+
+def uneven_sizes(world: int) -> list[int]:
+    """Arbitrary uneven slices (an empty one for 4 ranks)."""
+    return {1: [V], 2: [30, 7], 4: [5, 20, 0, 12]}[world]
+
+
+def _ref_linear(hidden, weight, bias, targets, ups, topk):
+    h, w, b = (x.detach().double().requires_grad_() for x in (hidden, weight, bias))
+    st = full_stats_ref(linear_z_ref(h, w, b, **TF), targets, -100, topk)
+    sum(st[k].mul(ups[k]).sum() for k in STATS).backward()
+    return st, h.grad, w.grad, b.grad
+
+
+def check_linear(rank, world, sizes, vocab_size=None, *, dtype=torch.float64, targets=None, atol=1e-11):
+    """``linear_logprobs`` with every differentiable output, bias, soft-cap, scale, temperature,
+    top-k; values and gradients against the float64 run; returns the largest error."""
+    hidden, weight, bias, t0, ups = problem(dtype)
+    targets = t0 if targets is None else targets
+    st, dh_ref, dw_ref, db_ref = _ref_linear(hidden, weight, bias, targets, ups, topk=5)
+    h = hidden.clone().requires_grad_()
+    w = cut(weight, sizes, rank).requires_grad_()
+    b = cut(bias, sizes, rank).requires_grad_()
+    out = alignops.linear_logprobs(
+        h, w, targets, bias=b, return_entropy=True, return_lse=True, return_log_sum_p2=True, topk=5,
+        process_group=dist.group.WORLD, vocab_size=vocab_size, **TF,
+    )  # fmt: skip
+    sum(getattr(out, OUT_NAMES[k]).mul(ups[k]).sum() for k in STATS).backward()
+    errs = [max_err(getattr(out, OUT_NAMES[k]), st[k]) for k in STATS]
+    assert torch.equal(out.topk_ids, st["topk_ids"]), (out.topk_ids, st["topk_ids"])
+    errs.append(max_err(out.topk_logps, st["topk_logps"]))
+    start, n = sum(sizes[:rank]), sizes[rank]
+    real = max(0, min(n, V - start))
+    errs += [max_err(h.grad, dh_ref), max_err(w.grad[:real], dw_ref[start : start + real])]
+    errs.append(max_err(b.grad[:real], db_ref[start : start + real]))
+    assert w.grad.dtype == w.dtype and h.grad.dtype == h.dtype
+    assert torch.all(w.grad[real:] == 0) and torch.all(b.grad[real:] == 0), "padding rows got a gradient"
+    assert max(errs) <= atol, f"rank {rank} sizes {sizes}: errors {errs}"
+    return max(errs), (out, h.grad, w.grad, b.grad)
+
+
+def check_linear_ce(rank, world, sizes, vocab_size=None):
+    """``linear_cross_entropy`` with label smoothing (the global zmean) and z-loss."""
+    hidden, weight, bias, targets, _ = problem()
+    opts = {"label_smoothing": 0.15, "z_loss": 1e-2, **TF}
+    hr, wr = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = cross_entropy_ref(hr @ wr.T + bias, targets, **opts)
+    ref.backward()
+    h, w = hidden.clone().requires_grad_(), cut(weight, sizes, rank).requires_grad_()
+    b = cut(bias, sizes, rank)
+    loss = alignops.linear_cross_entropy(
+        h, w, targets, bias=b, process_group=dist.group.WORLD, vocab_size=vocab_size, **opts
+    )
+    loss.backward()
+    start, real = sum(sizes[:rank]), max(0, min(sizes[rank], V - sum(sizes[:rank])))
+    errs = [
+        max_err(loss, ref),
+        max_err(h.grad, hr.grad),
+        max_err(w.grad[:real], wr.grad[start : start + real]),
+    ]
+    assert max(errs) < 1e-11, f"rank {rank}: {errs}"
+    return max(errs)
+
+
+def check_logits(rank, world, sizes, vocab_size=None):
+    """``logprobs`` and ``cross_entropy`` on this rank's logits slice ``[B, T, V_r]``."""
+    _, _, _, targets, ups = problem()
+    logits = 3.0 * torch.randn(*N_SHAPE, V, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x = logits.clone().requires_grad_()
+    st = full_stats_ref(transform_ref(x, **TF), targets, -100, topk=3)
+    sum(st[k].mul(ups[k]).sum() for k in STATS).backward()
+    xr = cut(logits, sizes, rank, dim=-1).requires_grad_()
+    out = alignops.logprobs(
+        xr, targets, return_entropy=True, return_lse=True, return_log_sum_p2=True, topk=3,
+        process_group=dist.group.WORLD, vocab_size=vocab_size, **TF,
+    )  # fmt: skip
+    sum(getattr(out, OUT_NAMES[k]).mul(ups[k]).sum() for k in STATS).backward()
+    start, real = sum(sizes[:rank]), max(0, min(sizes[rank], V - sum(sizes[:rank])))
+    errs = [max_err(getattr(out, OUT_NAMES[k]), st[k]) for k in STATS]
+    errs.append(max_err(xr.grad[..., :real], x.grad[..., start : start + real]))
+    assert torch.equal(out.topk_ids, st["topk_ids"])
+    assert torch.all(xr.grad[..., real:] == 0)
+    # cross-entropy with label smoothing (global zmean) and z-loss, sum reduction
+    opts = {"label_smoothing": 0.2, "z_loss": 1e-3, "reduction": "sum"}
+    x2 = logits.clone().requires_grad_()
+    ref = cross_entropy_ref(x2, targets, **opts)
+    ref.backward()
+    xr2 = cut(logits, sizes, rank, dim=-1).requires_grad_()
+    loss = alignops.cross_entropy(xr2, targets, process_group=dist.group.WORLD, vocab_size=vocab_size, **opts)
+    loss.backward()
+    errs += [max_err(loss, ref), max_err(xr2.grad[..., :real], x2.grad[..., start : start + real])]
+    assert max(errs) < 1e-11, f"rank {rank} sizes {sizes}: {errs}"
+    return max(errs)
+
+
+def check_dtensor(rank, world):
+    """A DTensor weight and bias sharded ``Shard(0)`` (uneven: torch.chunk sizes), no group given."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    hidden, weight, bias, targets, ups = problem()
+    mesh = init_device_mesh("cpu", (world,))
+    st, dh_ref, dw_ref, db_ref = _ref_linear(hidden, weight, bias, targets, ups, topk=0)
+    w = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_()
+    b = distribute_tensor(bias, mesh, [Shard(0)]).requires_grad_()
+    h = hidden.clone().requires_grad_()
+    out = alignops.linear_logprobs(
+        h, w, targets, bias=b, return_entropy=True, return_lse=True, return_log_sum_p2=True, **TF
+    )
+    sum(getattr(out, OUT_NAMES[k]).mul(ups[k]).sum() for k in STATS).backward()
+    sizes = even_sizes(V, world)
+    start, n = sum(sizes[:rank]), sizes[rank]
+    errs = [max_err(getattr(out, OUT_NAMES[k]), st[k]) for k in STATS]
+    errs += [max_err(h.grad, dh_ref), max_err(w.grad.to_local(), dw_ref[start : start + n])]
+    errs.append(max_err(b.grad.to_local(), db_ref[start : start + n]))
+    assert max(errs) < 1e-11, errs
+    # a process group that is not the mesh's: the same clear error on every rank
+    solo = dist.new_group([0])
+    with pytest.raises(ValueError, match="not the group of weight's device mesh"):
+        alignops.linear_logprobs(h, w, targets, process_group=solo)
+
+
+def check_partial_hidden_grad(rank, world):
+    """``reduce_hidden_grad=False``: each rank's partial ``dh``; their sum is the full gradient."""
+    hidden, weight, bias, targets, ups = problem()
+    sizes = even_sizes(V, world)
+    _, dh_ref, _, _ = _ref_linear(hidden, weight, bias, targets, ups, topk=0)
+    h = hidden.clone().requires_grad_()
+    out = alignops.linear_logprobs(
+        h, cut(weight, sizes, rank), targets, bias=cut(bias, sizes, rank), return_entropy=True,
+        process_group=dist.group.WORLD, reduce_hidden_grad=False, **TF,
+    )  # fmt: skip
+    (out.logps * ups["logp"] + out.entropy * ups["entropy"]).sum().backward()
+    x = h.grad.clone()
+    dist.all_reduce(x)
+    hf = hidden.clone().requires_grad_()
+    stf = full_stats_ref(linear_z_ref(hf, weight, bias, **TF), targets, -100)
+    (stf["logp"] * ups["logp"] + stf["entropy"] * ups["entropy"]).sum().backward()
+    assert max_err(x, hf.grad) < 1e-11
+    if world > 1:
+        assert max_err(h.grad, hf.grad) > 1e-6, "the partial gradient was reduced anyway"
+
+
+def check_errors(rank, world):
+    """Mismatched slices / inputs: the same kind of error on every rank, no hang; the group still
+    works afterwards."""
+    hidden, weight, bias, targets, _ = problem()
+    sizes = even_sizes(V, world)
+    w = cut(weight, sizes, rank)
+    grp = dist.group.WORLD
+    # one rank's weight has another hidden size
+    w_bad = torch.randn(w.shape[0], H + 1, dtype=w.dtype) if rank == world - 1 else w
+    msg = "hidden size mismatch" if rank == world - 1 else rf"rank\(s\) \[{world - 1}\]"
+    with pytest.raises(ValueError, match=msg):
+        alignops.linear_logprobs(hidden, w_bad, targets, process_group=grp)
+    # one rank's targets differ
+    t_bad = targets.clone()
+    if rank == 0:
+        t_bad[1, 1] = (t_bad[1, 1] + 1) % V
+    with pytest.raises(ValueError, match="disagree on targets"):
+        alignops.linear_logprobs(hidden, w, t_bad, process_group=grp)
+    # one rank's hidden state has another number of tokens
+    h_bad = hidden[:1] if rank == 0 else hidden
+    with pytest.raises(ValueError):
+        alignops.linear_logprobs(h_bad, w, targets[: h_bad.shape[0]], process_group=grp)
+    # bias on one rank only
+    with pytest.raises(ValueError, match="disagree on bias"):
+        alignops.linear_logprobs(
+            hidden, w, targets, bias=cut(bias, sizes, rank) if rank == 0 else None, process_group=grp
+        )
+    # vocab_size larger than the slices hold; a target in the padding
+    with pytest.raises(ValueError, match="vocab_size"):
+        alignops.linear_logprobs(hidden, w, targets, process_group=grp, vocab_size=V + 1)
+    with pytest.raises(ValueError, match="targets must be in"):
+        alignops.linear_logprobs(hidden, w, targets.clamp(max=V - 3), process_group=grp, vocab_size=V - 3)
+    # mismatched logits slices: another token count on one rank
+    logits = torch.randn(*N_SHAPE, sizes[rank] + (1 if rank == 0 else 0), dtype=torch.float64)
+    out = alignops.cross_entropy(logits, targets.clamp(max=sum(sizes) - 1), process_group=grp)
+    assert torch.isfinite(out)
+    with pytest.raises(ValueError):
+        alignops.cross_entropy(
+            logits[:1] if rank == 1 else logits, targets[:1] if rank == 1 else targets, process_group=grp
+        )
+    # the group is still usable
+    check_linear(rank, world, sizes)
+
+
+def tp_cases(rank: int, world: int) -> None:
+    """Every vocabulary-parallel check for one world size."""
+    hidden, weight, bias, targets, _ = problem()
+    layouts = [(even_sizes(V, world), None), (padded_sizes(V, world, 8), V), (uneven_sizes(world), None)]
+    for sizes, vs in layouts:
+        check_linear(rank, world, sizes, vs)
+        check_linear_ce(rank, world, sizes, vs)
+        check_logits(rank, world, sizes, vs)
+    sizes = uneven_sizes(world)
+    # all targets on one rank (the last non-empty one), and all on rank 0
+    last = max(r for r in range(world) if sizes[r] > 0)
+    lo = sum(sizes[:last])
+    on_last = torch.where(targets == -100, targets, lo + targets % sizes[last])
+    check_linear(rank, world, sizes, targets=on_last)
+    check_linear(rank, world, sizes, targets=torch.where(targets == -100, targets, targets % sizes[0]))
+    # every token ignored: zeros, zero gradients
+    check_linear(rank, world, sizes, targets=torch.full(N_SHAPE, -100))
+    # float32 inputs against the float64 truth
+    check_linear(rank, world, even_sizes(V, world), dtype=torch.float32, atol=2e-4)
+    # bitwise-identical reruns
+    _, a = check_linear(rank, world, padded_sizes(V, world, 8), V)
+    _, b = check_linear(rank, world, padded_sizes(V, world, 8), V)
+    for x, y in zip(a[1:] + tuple(a[0]), b[1:] + tuple(b[0])):
+        assert (x is None and y is None) or torch.equal(x, y), "a rerun differs"
+    check_dtensor(rank, world)
+    check_partial_hidden_grad(rank, world)
+    check_errors(rank, world)
