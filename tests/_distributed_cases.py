@@ -65,6 +65,11 @@ def check_linear(rank, world, sizes, vocab_size=None, *, dtype=torch.float64, ta
     assert w.grad.dtype == w.dtype and h.grad.dtype == h.dtype
     assert torch.all(w.grad[real:] == 0) and torch.all(b.grad[real:] == 0), "padding rows got a gradient"
     assert max(errs) <= atol, f"rank {rank} sizes {sizes}: errors {errs}"
+    # every rank holds bitwise the same outputs and hidden gradient
+    for x in (out.logps, out.entropy, out.lse, out.log_sum_p2, out.topk_logps, h.grad):
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        assert all(torch.equal(p, parts[0]) for p in parts), "ranks disagree"
     return max(errs), (out, h.grad, w.grad, b.grad)
 
 
