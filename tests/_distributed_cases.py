@@ -246,3 +246,18 @@ def tp_cases(rank: int, world: int) -> None:
     check_dtensor(rank, world)
     check_partial_hidden_grad(rank, world)
     check_errors(rank, world)
+
+
+def triton_cases(rank: int, world: int) -> None:
+    """The vocabulary-parallel path on the Triton engine (run under ``TRITON_INTERPRET=1`` by
+    ``tests/interpreted/vocab_parallel.py``): float32, even and uneven (one empty) slices."""
+    import os
+    import sys
+
+    from alignops._dispatch import use_triton
+
+    os.environ["ALIGNOPS_BACKEND"] = "triton"
+    assert os.environ.get("TRITON_INTERPRET") == "1" and use_triton(torch.zeros(1))
+    for sizes, vs in ((padded_sizes(V, world, 8), V), (uneven_sizes(world), None)):
+        check_linear(rank, world, sizes, vs, dtype=torch.float32, atol=2e-4)
+    assert "alignops.kernels.linear_logprobs" in sys.modules, "the Triton engine did not run"
