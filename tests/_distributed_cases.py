@@ -175,6 +175,38 @@ def check_partial_hidden_grad(rank, world):
         assert max_err(h.grad, hf.grad) > 1e-6, "the partial gradient was reduced anyway"
 
 
+def check_mixed_and_empty(rank, world):
+    """bf16 ``hidden`` with an fp32 weight slice (operands rounded to bf16, as on one process),
+    int32 targets, and zero tokens."""
+    hidden, weight, _, targets, ups = problem()
+    sizes = uneven_sizes(world)
+    hb = hidden.to(torch.bfloat16).requires_grad_()
+    w = cut(weight.float(), sizes, rank).requires_grad_()
+    out = alignops.linear_logprobs(hb, w, targets.int(), return_entropy=True, process_group=dist.group.WORLD)
+    (out.logps * ups["logp"] + out.entropy * ups["entropy"]).sum().backward()
+    h64 = hb.detach().double().requires_grad_()
+    w64 = weight.to(torch.bfloat16).double().requires_grad_()  # the operands rounded to bf16
+    st = full_stats_ref(h64 @ w64.T, targets, -100)
+    (st["logp"] * ups["logp"] + st["entropy"] * ups["entropy"]).sum().backward()
+    start, n = sum(sizes[:rank]), sizes[rank]
+    errs = [max_err(out.logps, st["logp"]), max_err(out.entropy, st["entropy"])]
+    errs.append(max_err(w.grad, w64.grad[start : start + n]))
+    # the bf16 gradient: within bf16 rounding (eps 2**-7 relative to its largest entry)
+    assert max_err(hb.grad, h64.grad) <= 2**-7 * h64.grad.abs().max().item()
+    assert (
+        out.logps.dtype == torch.float32 and hb.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    )
+    assert max(errs) < 1e-4, errs
+    h0 = torch.zeros(0, H, dtype=torch.float64, requires_grad=True)
+    out = alignops.linear_logprobs(
+        h0, w.detach().double(), torch.zeros(0, dtype=torch.long), return_entropy=True, topk=2,
+        process_group=dist.group.WORLD,
+    )  # fmt: skip
+    assert out.logps.shape == (0,) and out.topk_ids.shape == (0, 2)
+    (out.logps.sum() + out.entropy.sum()).backward()
+    assert h0.grad.shape == (0, H)
+
+
 def check_errors(rank, world):
     """Mismatched slices / inputs: the same kind of error on every rank, no hang; the group still
     works afterwards."""
@@ -245,6 +277,7 @@ def tp_cases(rank: int, world: int) -> None:
         assert (x is None and y is None) or torch.equal(x, y), "a rerun differs"
     check_dtensor(rank, world)
     check_partial_hidden_grad(rank, world)
+    check_mixed_and_empty(rank, world)
     check_errors(rank, world)
 
 
