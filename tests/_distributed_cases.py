@@ -148,6 +148,17 @@ def check_dtensor(rank, world):
     errs += [max_err(h.grad, dh_ref), max_err(w.grad.to_local(), dw_ref[start : start + n])]
     errs.append(max_err(b.grad.to_local(), db_ref[start : start + n]))
     assert max(errs) < 1e-11, errs
+    # logits sharded on the vocabulary dimension
+    logits = 2.0 * torch.randn(*N_SHAPE, V, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    x = logits.clone().requires_grad_()
+    ref = cross_entropy_ref(x, targets, label_smoothing=0.1)
+    ref.backward()
+    xd = distribute_tensor(logits, mesh, [Shard(2)]).requires_grad_()
+    loss = alignops.cross_entropy(xd, targets, label_smoothing=0.1)
+    loss.backward()
+    assert max_err(loss, ref) < 1e-12 and max_err(xd.grad.to_local(), x.grad[..., start : start + n]) < 1e-12
+    with pytest.raises(ValueError, match="must be sharded over the vocabulary"):
+        alignops.cross_entropy(distribute_tensor(logits, mesh, [Shard(0)]), targets)
     # a process group that is not the mesh's: the same clear error on every rank
     solo = dist.new_group([0])
     with pytest.raises(ValueError, match="not the group of weight's device mesh"):
