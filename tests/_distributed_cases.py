@@ -186,6 +186,38 @@ def check_partial_hidden_grad(rank, world):
         assert max_err(h.grad, hf.grad) > 1e-6, "the partial gradient was reduced anyway"
 
 
+def check_fused_grpo(rank, world):
+    """``grpo_loss_from_hidden`` on a vocabulary-parallel head: the loss of ``grpo_loss`` on the
+    float64 log-probs / entropy of the full head, with its gradients."""
+    from alignops.losses import grpo_loss
+
+    hidden, weight, bias, ids, _ = problem()
+    g = torch.Generator().manual_seed(11)
+    mask = torch.rand(N_SHAPE, generator=g) < 0.8
+    old = -3.0 * torch.rand(N_SHAPE, generator=g, dtype=torch.float64)
+    adv = torch.randn(N_SHAPE[0], generator=g, dtype=torch.float64)
+    opts = {"loss_type": "dapo", "entropy_coef": 0.01, "beta": 0.0}
+    hr, wr = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    st = full_stats_ref(linear_z_ref(hr, wr, bias, temperature=0.7), ids, -100)
+    scored = mask & (ids != -100)
+    ref = grpo_loss(st["logp"], old, adv, scored, entropy=st["entropy"], **opts).loss
+    ref.backward()
+    sizes = padded_sizes(V, world, 8)
+    h, w = hidden.clone().requires_grad_(), cut(weight, sizes, rank).requires_grad_()
+    out = alignops.grpo_loss_from_hidden(
+        h, w, ids, mask, old, adv, bias=cut(bias, sizes, rank), temperature=0.7,
+        process_group=dist.group.WORLD, vocab_size=V, **opts,
+    )  # fmt: skip
+    out.loss.backward()
+    start, real = sum(sizes[:rank]), max(0, min(sizes[rank], V - sum(sizes[:rank])))
+    errs = [
+        max_err(out.loss, ref),
+        max_err(h.grad, hr.grad),
+        max_err(w.grad[:real], wr.grad[start : start + real]),
+    ]
+    assert max(errs) < 1e-12, errs
+
+
 def check_mixed_and_empty(rank, world):
     """bf16 ``hidden`` with an fp32 weight slice (operands rounded to bf16, as on one process),
     int32 targets, and zero tokens."""
@@ -289,6 +321,7 @@ def tp_cases(rank: int, world: int) -> None:
     check_dtensor(rank, world)
     check_partial_hidden_grad(rank, world)
     check_mixed_and_empty(rank, world)
+    check_fused_grpo(rank, world)
     check_errors(rank, world)
 
 
