@@ -10,7 +10,8 @@ forward and backward, and prints:
   computation on the full head (float64 inputs: the combine itself; float32 inputs: what a run
   in float32 sees);
 * every collective the calls made, counted by wrapping ``torch.distributed.all_reduce`` /
-  ``all_gather``: elements and bytes per token per call, for two vocabulary sizes, which shows
+  ``all_gather``: the payload (elements and bytes) per token of each call, for two vocabulary
+  sizes (a ring all-reduce moves about ``2 (P - 1) / P`` times its payload per rank), which shows
   that the per-token traffic does not depend on ``V`` (O(1) floats per token; the top-k
   all-gather is O(k); the hidden-state gradient all-reduce is the usual ``H`` floats per token of
   a tensor-parallel layer, unless ``reduce_hidden_grad=False``).

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 from datetime import timedelta
+from multiprocessing import forkserver
 
 import torch
 import torch.distributed as dist
@@ -53,11 +54,18 @@ def run(world: int, fn, *args) -> None:
     op once (``_distributed_warm``), so they start in a fraction of a second instead of paying
     the imports (and PyTorch's lazy imports on the first custom-op call) once per process."""
     here = os.path.dirname(os.path.abspath(__file__))
-    # the fork server (Python 3.11) ignores the parent's sys.path: give it this folder
-    path = os.environ.get("PYTHONPATH", "")
-    if here not in path.split(os.pathsep):
-        os.environ["PYTHONPATH"] = here + (os.pathsep + path if path else "")
-    mp.set_forkserver_preload(["_distributed_warm"])
+    # the fork server (Python 3.11) ignores the parent's sys.path: give it this folder while it
+    # starts (once per session), then restore the environment of the other tests
+    path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = here + (os.pathsep + path if path else "")
+    try:
+        mp.set_forkserver_preload(["_distributed_warm"])
+        forkserver.ensure_running()
+    finally:
+        if path is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = path
     mp.start_processes(
         _entry, args=(world, _free_port(), fn, args), nprocs=world, join=True, start_method="forkserver"
     )
