@@ -158,6 +158,8 @@ def plan(
     if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)):
         raise TypeError(f"vocab_size must be an int or None, got {vocab_size!r}")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of process_group")
     y = targets.reshape(-1).long()
     w = torch.arange(y.numel(), device=y.device) % 1009 + 1
     mine = torch.tensor(
