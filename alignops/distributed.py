@@ -30,6 +30,8 @@ __all__ = ["global_count", "global_loss", "global_mean", "global_sum"]
 def _group(group):
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("the alignops.distributed helpers need torch.distributed to be initialised")
+    if group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group returns to non-members
+        raise ValueError("this process is not a member of process_group")
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"process_group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
     return dist.group.WORLD if group is None else group

@@ -163,6 +163,9 @@ def check_dtensor(rank, world):
     solo = dist.new_group([0])
     with pytest.raises(ValueError, match="not the group of weight's device mesh"):
         alignops.linear_logprobs(h, w, targets, process_group=solo)
+    if rank != 0:  # a group this process is not in
+        with pytest.raises(ValueError, match="not a member"):
+            alignops.linear_logprobs(h, cut(weight, sizes, rank), targets, process_group=solo)
 
 
 def check_partial_hidden_grad(rank, world):
