@@ -221,6 +221,41 @@ def check_fused_grpo(rank, world):
     assert max(errs) < 1e-12, errs
 
 
+def check_tensor_and_data_parallel(rank, world):
+    """4 ranks as 2 data-parallel x 2 vocabulary-parallel groups (subgroups, not the world): the
+    token-mean cross-entropy with ``num_items`` counted over the data-parallel group; the shares
+    add up to the single-process loss, the weight gradients (summed over data-parallel ranks)
+    to its gradient."""
+    from alignops.distributed import global_count, global_loss
+
+    assert world == 4
+    tp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    dp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    tp, dp = tp_groups[rank // 2], dp_groups[rank % 2]
+    tp_rank, dp_rank = rank % 2, rank // 2
+    hidden, weight, bias, targets, _ = problem()
+    opts = {"label_smoothing": 0.1, **TF}
+    hr, wr = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = cross_entropy_ref(hr @ wr.T + bias, targets, **opts)
+    ref.backward()
+    sizes = uneven_sizes(2)
+    t = targets[0:1, :5] if dp_rank == 0 else torch.cat([targets[0:1, 5:], targets[1:]], 1)
+    hid = hidden[0:1, :5] if dp_rank == 0 else torch.cat([hidden[0:1, 5:], hidden[1:]], 1)
+    h, w = hid.clone().requires_grad_(), cut(weight, sizes, tp_rank).requires_grad_()
+    n = global_count(t != -100, dp)
+    loss = alignops.linear_cross_entropy(
+        h, w, t, bias=cut(bias, sizes, tp_rank), num_items=n, process_group=tp, **opts
+    )
+    loss.backward()
+    dw = w.grad.clone()
+    dist.all_reduce(dw, group=dp)
+    dh_ref = hr.grad[0:1, :5] if dp_rank == 0 else torch.cat([hr.grad[0:1, 5:], hr.grad[1:]], 1)
+    start = sum(sizes[:tp_rank])
+    errs = [max_err(global_loss(loss, dp), ref), max_err(dw, wr.grad[start : start + sizes[tp_rank]])]
+    errs.append(max_err(h.grad, dh_ref))
+    assert max(errs) < 1e-12, errs
+
+
 def check_mixed_and_empty(rank, world):
     """bf16 ``hidden`` with an fp32 weight slice (operands rounded to bf16, as on one process),
     int32 targets, and zero tokens."""
@@ -325,6 +360,8 @@ def tp_cases(rank: int, world: int) -> None:
     check_partial_hidden_grad(rank, world)
     check_mixed_and_empty(rank, world)
     check_fused_grpo(rank, world)
+    if world == 4:
+        check_tensor_and_data_parallel(rank, world)
     check_errors(rank, world)
 
 
