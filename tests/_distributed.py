@@ -55,7 +55,7 @@ def run(world: int, fn, *args) -> None:
     the imports (and PyTorch's lazy imports on the first custom-op call) once per process."""
     here = os.path.dirname(os.path.abspath(__file__))
     # the fork server (Python 3.11) ignores the parent's sys.path: give it this folder while it
-    # starts (once per session), then restore the environment of the other tests
+    # starts (once per pytest run), then restore the environment of the other tests
     path = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = here + (os.pathsep + path if path else "")
     try:
