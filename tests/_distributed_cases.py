@@ -310,6 +310,11 @@ def check_errors(rank, world):
     h_bad = hidden[:1] if rank == 0 else hidden
     with pytest.raises(ValueError):
         alignops.linear_logprobs(h_bad, w, targets[: h_bad.shape[0]], process_group=grp)
+    # one rank's weight slice in another dtype
+    with pytest.raises(ValueError, match="disagree on dtypes"):
+        alignops.linear_logprobs(
+            hidden.float(), w.float() if rank else w.bfloat16(), targets, process_group=grp
+        )
     # bias on one rank only
     with pytest.raises(ValueError, match="disagree on bias"):
         alignops.linear_logprobs(
