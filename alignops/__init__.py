@@ -9,7 +9,10 @@ Layers: the heavy part (``linear_logprobs`` / ``linear_cross_entropy`` from hidd
 helpers ``alignops.rl`` work on those, so cached reference log-probs plug in unchanged.
 """
 
-from . import losses  # noqa: F401  (the catalog: alignops.losses.dpo_loss, ...)
+from . import (
+    distributed,  # noqa: F401  (normalisers over data-parallel ranks)
+    losses,  # noqa: F401  (the catalog: alignops.losses.dpo_loss, ...)
+)
 from .fused import grpo_loss_from_hidden, ppo_loss_from_hidden
 from .kernels._common import LogitOptions, TokenStats
 from .linear_logprobs import LogProbsOutput, linear_cross_entropy, linear_logprobs
@@ -46,6 +49,7 @@ __all__ = [
     "SequenceLogProbs",
     "compute_gae",
     "cross_entropy",
+    "distributed",
     "group_advantages",
     "grpo_loss_from_hidden",
     "kl_estimate",

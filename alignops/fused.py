@@ -62,6 +62,8 @@ def grpo_loss_from_hidden(
     softcap: float | None = None,
     ignore_index: int = -100,
     return_entropy: bool = True,
+    process_group=None,
+    vocab_size: int | None = None,
     **grpo_options,
 ) -> LossOutput:
     """GRPO-family loss straight from hidden states, never building ``[N, V]`` logits.
@@ -77,6 +79,9 @@ def grpo_loss_from_hidden(
     (``loss_type``, ``beta``, ``epsilon``, ``num_items``, ...); the entropy is passed on for the
     ``entropy`` metric, ``entropy_coef`` and ``top_entropy_quantile``.
 
+    ``process_group`` / ``vocab_size``: a vocabulary-parallel head, ``weight`` / ``bias`` being this
+    rank's slice (as in :func:`alignops.linear_logprobs`); every rank returns the same loss.
+
     Returns the :class:`~alignops.losses.LossOutput` of ``grpo_loss``.
     """
     _check_options(grpo_loss, grpo_options, reserved=("ref_logps", "entropy"))
@@ -90,6 +95,7 @@ def grpo_loss_from_hidden(
         # truncated rows are never scored: leave them out of the vocab projection as well
         completion_mask = completion_mask.bool() & ~truncated.bool().unsqueeze(1)
     head = dict(bias=bias, temperature=temperature, softcap=softcap, ignore_index=ignore_index)
+    head.update(process_group=process_group, vocab_size=vocab_size)
     logps, entropy, valid = _policy_logps(hidden, weight, completion_ids, completion_mask, need_entropy, head)
     return grpo_loss(
         logps, old_logps, advantages, valid, ref_logps=ref_logps, entropy=entropy, **grpo_options
@@ -112,6 +118,8 @@ def ppo_loss_from_hidden(
     ptx_hidden: torch.Tensor | None = None,
     ptx_labels: torch.Tensor | None = None,
     ptx_num_items: int | float | torch.Tensor | None = None,
+    process_group=None,
+    vocab_size: int | None = None,
     **ppo_options,
 ) -> LossOutput:
     """PPO / PPO-ptx loss straight from hidden states (InstructGPT, Ouyang et al. 2022,
@@ -128,15 +136,19 @@ def ppo_loss_from_hidden(
     ``softcap`` at temperature 1 by :func:`alignops.linear_cross_entropy` (token mean, or
     ``/ ptx_num_items`` for gradient accumulation), and that NLL goes to ``ppo_loss(ptx_nll=...)``
     (``ptx_coef`` in ``ppo_options``; InstructGPT's gamma).
+
+    ``process_group`` / ``vocab_size``: a vocabulary-parallel head, as in
+    :func:`grpo_loss_from_hidden` (the PTX term too).
     """
     _check_options(ppo_loss, ppo_options, reserved=("entropy", "ptx_nll"))
     if (ptx_hidden is None) != (ptx_labels is None):
         raise ValueError("pass ptx_hidden and ptx_labels together")
     need_entropy = return_entropy or ppo_options.get("entropy_coef", 0.0) != 0.0
-    head = dict(bias=bias, temperature=temperature, softcap=softcap, ignore_index=ignore_index)
+    par = dict(process_group=process_group, vocab_size=vocab_size)
+    head = dict(bias=bias, temperature=temperature, softcap=softcap, ignore_index=ignore_index, **par)
     logps, entropy, valid = _policy_logps(hidden, weight, response_ids, response_mask, need_entropy, head)
     ptx_nll = None
     if ptx_hidden is not None:
-        ptx_head = dict(bias=bias, ignore_index=ignore_index, softcap=softcap, num_items=ptx_num_items)
+        ptx_head = dict(bias=bias, ignore_index=ignore_index, softcap=softcap, num_items=ptx_num_items, **par)
         ptx_nll = linear_cross_entropy(ptx_hidden, weight, ptx_labels, reduction="mean", **ptx_head)
     return ppo_loss(logps, old_logps, advantages, valid, entropy=entropy, ptx_nll=ptx_nll, **ppo_options)

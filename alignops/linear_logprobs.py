@@ -23,6 +23,7 @@ import torch
 from ._cross_entropy import Reduction, check_ce_options, reduce_tokens, token_cross_entropy
 from ._ops._common import stats_like
 from ._ops.linear_logprobs import linear_logprobs_fwd_op
+from ._vocab_parallel import is_dtensor, linear_token_stats_parallel
 from .kernels._common import (
     NOTHING_EXTRA,
     LogitOptions,
@@ -60,10 +61,30 @@ class LogProbsOutput(NamedTuple):
         )
 
 
+class VocabParallel(NamedTuple):
+    """Vocabulary-parallel options of the public functions (docs/distributed.md)."""
+
+    process_group: object = None
+    vocab_size: int | None = None
+    reduce_hidden_grad: bool = True
+
+
 def linear_token_stats(
-    hidden, weight, targets, bias, opts: LogitOptions, want: StatRequest = NOTHING_EXTRA
+    hidden,
+    weight,
+    targets,
+    bias,
+    opts: LogitOptions,
+    want: StatRequest = NOTHING_EXTRA,
+    parallel: VocabParallel | None = None,
 ) -> TokenStats:
-    """:class:`TokenStats` with ``targets.shape`` (unrequested fields ``None``), differentiable."""
+    """:class:`TokenStats` with ``targets.shape`` (unrequested fields ``None``), differentiable.
+    With ``parallel.process_group`` set, or a DTensor ``weight``, ``weight`` / ``bias`` are this
+    rank's vocabulary slice and the statistics cover the full vocabulary
+    (``alignops._vocab_parallel``)."""
+    par = VocabParallel() if parallel is None else parallel
+    if par.process_group is not None or is_dtensor(weight) or is_dtensor(bias):
+        return linear_token_stats_parallel(hidden, weight, targets, bias, opts, want, *par)
     check_linear_inputs(hidden, weight, targets, bias)
     want = want.checked(weight.shape[0])
     h, y = rows_2d(hidden), targets.reshape(-1).long()
@@ -84,6 +105,9 @@ def linear_logprobs(
     return_lse: bool = False,
     return_log_sum_p2: bool = False,
     topk: int = 0,
+    process_group=None,
+    vocab_size: int | None = None,
+    reduce_hidden_grad: bool = True,
 ) -> LogProbsOutput:
     """Per-token log-probabilities of ``targets`` under ``z = softcap(logit_scale * (hidden @
     weight.T + bias)) / temperature``, without the ``[N, V]`` logits.
@@ -104,6 +128,16 @@ def linear_logprobs(
         return_entropy / return_lse / return_log_sum_p2: also return those per-token values.
         topk: also return the ``topk`` most likely ids and their log-probs per token (``0 <= topk
             <= 64``), computed in the same pass.
+        process_group: vocabulary parallelism (docs/distributed.md): ``weight`` / ``bias`` are
+            this rank's rows ``[V_r, H]`` / ``[V_r]`` of the head (rank ``r`` holds global ids
+            ``V_0 + ... + V_{r-1}`` on; uneven slices are fine); ``hidden`` and ``targets`` are the
+            same on every rank, and so are the outputs, over the full vocabulary. A DTensor
+            ``weight`` sharded ``Shard(0)`` on a 1-D mesh needs no group (its mesh's is used).
+        vocab_size: with a process group, the true vocabulary size when the last slices hold
+            padding rows (global ids ``>= vocab_size`` are left out); default: all rows.
+        reduce_hidden_grad: with a process group, all-reduce (sum) the gradient of ``hidden``
+            over the group (default); ``False`` returns this rank's partial sum, for a caller
+            whose layer reduces it already.
 
     Returns:
         :class:`LogProbsOutput`, float32 (float64 for float64 inputs) with ``targets.shape``
@@ -113,7 +147,8 @@ def linear_logprobs(
     """
     opts = LogitOptions(ignore_index, logit_scale, softcap, temperature)
     want = StatRequest(entropy=return_entropy, log_sum_p2=return_log_sum_p2, topk=topk)
-    return LogProbsOutput.of(linear_token_stats(hidden, weight, targets, bias, opts, want), return_lse)
+    par = VocabParallel(process_group, vocab_size, reduce_hidden_grad)
+    return LogProbsOutput.of(linear_token_stats(hidden, weight, targets, bias, opts, want, par), return_lse)
 
 
 def linear_cross_entropy(
@@ -130,6 +165,9 @@ def linear_cross_entropy(
     softcap: float | None = None,
     logit_scale: float = 1.0,
     num_items: int | float | torch.Tensor | None = None,
+    process_group=None,
+    vocab_size: int | None = None,
+    reduce_hidden_grad: bool = True,
 ) -> torch.Tensor:
     """Cross-entropy of ``targets`` under ``hidden @ weight.T + bias`` without ``[N, V]`` logits.
 
@@ -143,9 +181,14 @@ def linear_cross_entropy(
     >= 1, so an all-ignored or empty batch gives exactly 0 (finite, with zero gradient).
     ``num_items`` (int, float or 0-d tensor) divides the sum by a global token count instead:
     gradient accumulation over micro-batches and ranks (no further averaging).
+
+    ``process_group`` / ``vocab_size`` / ``reduce_hidden_grad``: a vocabulary-parallel head, as in
+    :func:`linear_logprobs` (every rank returns the same loss).
     """
     check_ce_options(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, num_items=num_items)
     opts = LogitOptions(ignore_index, logit_scale, softcap, temperature)
-    st = linear_token_stats(hidden, weight, targets, bias, opts, StatRequest(zmean=label_smoothing != 0.0))
+    par = VocabParallel(process_group, vocab_size, reduce_hidden_grad)
+    want = StatRequest(zmean=label_smoothing != 0.0)
+    st = linear_token_stats(hidden, weight, targets, bias, opts, want, par)
     ce = token_cross_entropy(st, label_smoothing=label_smoothing, z_loss=z_loss)
     return reduce_tokens(ce, targets != ignore_index, reduction, num_items)

@@ -19,14 +19,28 @@ import torch
 from ._cross_entropy import Reduction, check_ce_options, reduce_tokens, token_cross_entropy
 from ._ops._common import stats_like
 from ._ops.logprobs import logprobs_fwd_op
+from ._vocab_parallel import is_dtensor, token_stats_parallel
 from .kernels._common import NOTHING_EXTRA, LogitOptions, StatRequest, TokenStats, check_logits_inputs
 from .linear_logprobs import LogProbsOutput
 
 
 def token_stats(
-    logits, targets, opts: LogitOptions, want: StatRequest = NOTHING_EXTRA, *, inplace_backward: bool = False
+    logits,
+    targets,
+    opts: LogitOptions,
+    want: StatRequest = NOTHING_EXTRA,
+    *,
+    inplace_backward: bool = False,
+    process_group=None,
+    vocab_size: int | None = None,
 ) -> TokenStats:
-    """:class:`TokenStats` of ``logits [..., V]`` with ``targets.shape``, differentiable."""
+    """:class:`TokenStats` of ``logits [..., V]`` with ``targets.shape``, differentiable. With a
+    ``process_group`` (or a DTensor sharded on the vocabulary) ``logits`` is this rank's slice
+    ``[..., V_r]`` and the statistics cover the full vocabulary (``alignops._vocab_parallel``)."""
+    if process_group is not None or is_dtensor(logits):
+        if inplace_backward:
+            raise ValueError("inplace_backward is not supported with a vocabulary-parallel process_group")
+        return token_stats_parallel(logits, targets, opts, want, process_group, vocab_size)
     check_logits_inputs(logits, targets)
     want = want.checked(logits.shape[-1])
     out = logprobs_fwd_op(logits, targets.long(), *opts.as_args(), *want, inplace_backward)
@@ -46,6 +60,8 @@ def logprobs(
     return_log_sum_p2: bool = False,
     topk: int = 0,
     inplace_backward: bool = False,
+    process_group=None,
+    vocab_size: int | None = None,
 ) -> LogProbsOutput:
     """Per-token log-probabilities of ``targets`` under ``softcap(logit_scale * logits) /
     temperature`` (TRL's ``selective_log_softmax`` and ``entropy_from_logits`` in one pass).
@@ -61,6 +77,13 @@ def logprobs(
         inplace_backward: the backward writes the gradient into the logits' storage; only when
             nothing reads the logits afterwards (an autograd node that saved them raises
             PyTorch's "modified by an inplace operation" error).
+        process_group: vocabulary parallelism (docs/distributed.md): ``logits [..., V_r]`` is this
+            rank's slice of a column-parallel head's output (rank ``r`` holds global ids from
+            ``V_0 + ... + V_{r-1}``); ``targets`` are the same on every rank, and so are the
+            outputs, over the full vocabulary; the gradient is this rank's slice. A DTensor
+            sharded on the last dimension needs no group.
+        vocab_size: with a process group, the true vocabulary size when the last slices hold
+            padding columns (global ids ``>= vocab_size`` are left out).
 
     Returns:
         :class:`~alignops.LogProbsOutput`, float32 (float64 for float64 logits) with
@@ -68,9 +91,16 @@ def logprobs(
     """
     opts = LogitOptions(ignore_index, logit_scale, softcap, temperature)
     want = StatRequest(entropy=return_entropy, log_sum_p2=return_log_sum_p2, topk=topk)
-    return LogProbsOutput.of(
-        token_stats(logits, targets, opts, want, inplace_backward=inplace_backward), return_lse
+    st = token_stats(
+        logits,
+        targets,
+        opts,
+        want,
+        inplace_backward=inplace_backward,
+        process_group=process_group,
+        vocab_size=vocab_size,
     )
+    return LogProbsOutput.of(st, return_lse)
 
 
 def cross_entropy(
@@ -86,6 +116,8 @@ def cross_entropy(
     logit_scale: float = 1.0,
     num_items: int | float | torch.Tensor | None = None,
     inplace_backward: bool = False,
+    process_group=None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Cross-entropy on logits ``[..., V]`` without a second ``[N, V]`` tensor.
 
@@ -102,6 +134,8 @@ def cross_entropy(
         num_items: with ``"sum"`` / ``"mean"``, returns ``sum / num_items`` (gradient
             accumulation over micro-batches); a tensor stays on its device.
         inplace_backward: as in :func:`logprobs`.
+        process_group, vocab_size: a vocabulary-parallel head, as in :func:`logprobs` (every rank
+            returns the same loss).
 
     Returns:
         float32 (float64 for float64 logits) loss: a scalar, or ``targets.shape``.
@@ -109,6 +143,14 @@ def cross_entropy(
     check_ce_options(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, num_items=num_items)
     opts = LogitOptions(ignore_index, logit_scale, softcap, temperature)
     want = StatRequest(zmean=label_smoothing != 0.0)
-    st = token_stats(logits, targets, opts, want, inplace_backward=inplace_backward)
+    st = token_stats(
+        logits,
+        targets,
+        opts,
+        want,
+        inplace_backward=inplace_backward,
+        process_group=process_group,
+        vocab_size=vocab_size,
+    )
     ce = token_cross_entropy(st, label_smoothing=label_smoothing, z_loss=z_loss)
     return reduce_tokens(ce, targets != ignore_index, reduction, num_items)

@@ -420,6 +420,8 @@ def token_logprobs(
     temperature: float = 1.0,
     softcap: float | None = None,
     return_entropy: bool = False,
+    process_group=None,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Per-token log-probs of ``ids`` already aligned with ``hidden`` (``hidden[..., t, :]`` scores
     ``ids[..., t]``), scored only where ``mask`` (default: everywhere) and ``ids != ignore_index``.
@@ -427,7 +429,9 @@ def token_logprobs(
     One :func:`alignops.linear_logprobs` pass (no ``[tokens, vocab]`` logits). Returns
     ``(logps, entropy, scored)``: ``logps`` float32 (float64 for float64 inputs) and, with
     ``return_entropy``, the per-token ``entropy`` (else ``None``), both exactly 0 with zero gradient
-    where not scored; ``scored`` is the bool mask of the scored positions.
+    where not scored; ``scored`` is the bool mask of the scored positions. ``process_group`` /
+    ``vocab_size``: a vocabulary-parallel head (``weight`` is this rank's slice), as in
+    :func:`alignops.linear_logprobs`.
     """
     scored = ids != ignore_index
     if mask is not None:
@@ -443,5 +447,7 @@ def token_logprobs(
         temperature=temperature,
         softcap=softcap,
         return_entropy=return_entropy,
+        process_group=process_group,
+        vocab_size=vocab_size,
     )
     return out.logps, out.entropy, scored

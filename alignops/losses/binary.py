@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import as_float, check_choice, scalar, vec
+from ..distributed import global_count, global_mean, global_sum
 from ._common import LossOutput
 
 __all__ = ["kto_loss", "bco_loss", "dro_loss", "RewardRunningMean", "VanillaKTOOptions", "udm_weights"]
@@ -54,8 +55,20 @@ def _unpaired_metrics(
     return metrics
 
 
-def _mean_or_zero(losses: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+def _mean_or_zero(losses: torch.Tensor, anchor: torch.Tensor, process_group=None) -> torch.Tensor:
+    """The mean of ``losses``; with a ``process_group``, this rank's share ``sum / N_global`` of the
+    mean over every rank's losses (``alignops.distributed``)."""
+    if process_group is not None:
+        n = global_count(losses.numel(), process_group).to(losses.dtype)
+        return (losses.sum() + anchor.sum() * 0.0) / n
     return losses.mean() if losses.numel() else anchor.sum() * 0.0
+
+
+def _batch_mean(x: torch.Tensor, process_group) -> torch.Tensor:
+    """Mean of ``x`` over the batch: this rank's, or every rank's (detached) with a group."""
+    if process_group is None:
+        return x.mean()
+    return global_mean(x, process_group).to(x.dtype)
 
 
 _KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired", "vanilla")
@@ -70,18 +83,27 @@ class VanillaKTOOptions:
     detach_reference_point: bool = True
 
 
-def _vanilla_reference_points(u_w: torch.Tensor, u_l: torch.Tensor, detach: bool):
+def _vanilla_reference_points(u_w: torch.Tensor, u_l: torch.Tensor, detach: bool, process_group=None):
     """``(z for the desirable side, z for the undesirable side)``: the other side's mean log-ratio
-    clamped at 0; 0 when that side is empty."""
+    clamped at 0; 0 when that side is empty (on every rank, with a ``process_group``)."""
+    if process_group is not None and not detach:
+        raise ValueError(
+            "vanilla KTO with detach_reference_point=False cannot take a process_group: the "
+            "reference points are then detached means over every rank"
+        )
 
     def point(u: torch.Tensor) -> torch.Tensor:
+        if process_group is not None:
+            if global_sum(u.numel(), process_group) == 0:
+                return u.new_zeros(())
+            return _batch_mean(u, process_group).clamp_min(0.0)
         z = u.mean().clamp_min(0.0) if u.numel() else u.new_zeros(())
         return z.detach() if detach else z
 
     return point(u_l), point(u_w)
 
 
-def _kto_reference_point(kl, policy_kl_logps, ref_kl_logps, like: torch.Tensor) -> torch.Tensor:
+def _kto_reference_point(kl, policy_kl_logps, ref_kl_logps, like: torch.Tensor, group) -> torch.Tensor:
     """KTO's detached ``z0 = clamp_min(kl, 0)``: ``kl`` as given (in ``like``'s dtype when it is a
     Python number), else the mean log-ratio of the mismatched pairs."""
     if kl is not None:
@@ -89,9 +111,12 @@ def _kto_reference_point(kl, policy_kl_logps, ref_kl_logps, like: torch.Tensor) 
     elif policy_kl_logps is not None and ref_kl_logps is not None:
         pk = vec("policy_kl_logps", policy_kl_logps)
         rk = vec("ref_kl_logps", ref_kl_logps, pk.shape[0])
-        if pk.numel() == 0:
+        if group is not None:
+            z0 = _batch_mean(pk - rk, group)  # every rank's pairs (raises if none)
+        elif pk.numel() == 0:
             raise ValueError("policy_kl_logps is empty: z0 needs at least one mismatched pair")
-        z0 = (pk - rk).mean()
+        else:
+            z0 = (pk - rk).mean()
     else:
         raise ValueError(
             "loss_type='kto' needs the reference point: policy_kl_logps and ref_kl_logps "
@@ -114,6 +139,7 @@ def kto_loss(
     undesirable_weight: float = 1.0,
     loss_type: Literal["kto", "apo_zero_unpaired", "vanilla"] = "kto",
     vanilla: VanillaKTOOptions | None = None,
+    process_group=None,
 ) -> LossOutput:
     """KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization",
     arXiv:2402.01306; TRL ``KTOTrainer``) and its ``apo_zero_unpaired`` variant (D'Oosterlinck
@@ -137,8 +163,12 @@ def kto_loss(
     ``kl/rejected = z_D``), ``rewards/chosen`` (mean ``βu`` of desirable), ``rewards/rejected``,
     ``rewards/margins``, ``logps/chosen``, ``logps/rejected``.
 
+    ``process_group`` (data parallelism, docs/distributed.md): the batch is split over the ranks;
+    ``z0`` (from the mismatched pairs) and the vanilla reference points are means over every
+    rank, and ``loss`` is this rank's share ``sum / N_global`` of the full batch's mean.
+
     Tests (tests/test_losses_binary.py): ``kto`` / ``apo_zero_unpaired`` against float64 and TRL;
-    ``vanilla``: ``test_kto_vanilla_vs_float64``.
+    ``vanilla``: ``test_kto_vanilla_vs_float64``; ``process_group``: tests/test_distributed_losses.py.
     """
     check_choice("loss_type", loss_type, _KTO_LOSS_TYPES)
     p_w, p_l, r_w, r_l = _unpaired(
@@ -150,12 +180,12 @@ def kto_loss(
         raise ValueError("vanilla= takes a VanillaKTOOptions and is read by loss_type='vanilla' only")
     metrics: dict[str, torch.Tensor] = {}
     if loss_type == "kto":
-        z0 = _kto_reference_point(kl, policy_kl_logps, ref_kl_logps, u_w)
+        z0 = _kto_reference_point(kl, policy_kl_logps, ref_kl_logps, u_w, process_group)
         chosen_losses = torch.sigmoid(-beta * (u_w - z0))
         rejected_losses = torch.sigmoid(-beta * (z0 - u_l))
     elif loss_type == "vanilla":
         detach = (vanilla or VanillaKTOOptions()).detach_reference_point
-        z_d, z_u = _vanilla_reference_points(u_w, u_l, detach)
+        z_d, z_u = _vanilla_reference_points(u_w, u_l, detach, process_group)
         chosen_losses = torch.sigmoid(-beta * (u_w - z_d))
         rejected_losses = torch.sigmoid(-beta * (z_u - u_l))
         metrics = {"kl/chosen": z_u.detach(), "kl/rejected": z_d.detach()}
@@ -168,7 +198,7 @@ def kto_loss(
     if loss_type != "vanilla":
         metrics["kl"] = z0.detach()
     metrics.update(_unpaired_metrics(beta * u_w, beta * u_l, p_w, p_l))
-    return LossOutput(_mean_or_zero(losses, u_w), losses, metrics)
+    return LossOutput(_mean_or_zero(losses, u_w, process_group), losses, metrics)
 
 
 class RewardRunningMean:
@@ -176,7 +206,8 @@ class RewardRunningMean:
     arXiv:2404.04656; TRL ``RunningMoments``).
 
     ``update(rewards)`` folds a batch in (count-weighted, float64) and returns the new mean. Under
-    data parallelism, all-gather the rewards before ``update`` so each rank keeps the same ``δ``.
+    data parallelism, pass ``process_group`` to ``update`` (or to :func:`bco_loss`) so each rank
+    folds in every rank's rewards and keeps the same ``δ``.
     Update in training steps only (TRL does not update during evaluation).
     """
 
@@ -184,12 +215,17 @@ class RewardRunningMean:
         self.mean = 0.0
         self.count = 0
 
-    def update(self, rewards: torch.Tensor) -> float:
+    def update(self, rewards: torch.Tensor, process_group=None) -> float:
+        """Fold ``rewards`` in; with a ``process_group``, every rank's rewards (two all-reduces of
+        one float), so all ranks keep the same mean."""
         r = rewards.detach().double().reshape(-1)
-        n = r.numel()
+        total, n = r.sum(), r.numel()
+        if process_group is not None:
+            n = int(global_sum(n, process_group).item())
+            total = global_sum(r, process_group)
         if n:
             self.count += n
-            self.mean += (r.mean().item() - self.mean) * n / self.count
+            self.mean += (total.item() / n - self.mean) * n / self.count
         return self.mean
 
 
@@ -214,6 +250,7 @@ def bco_loss(
     beta: float = 0.1,
     delta: torch.Tensor | float | RewardRunningMean = 0.0,
     rejected_weights: torch.Tensor | None = None,
+    process_group=None,
 ) -> LossOutput:
     """Unpaired BCO, binary classifier optimisation (Jung et al. 2024, "Binary Classifier
     Optimization for Large Language Model Alignment", arXiv:2404.04656; TRL ``experimental.bco``).
@@ -223,13 +260,15 @@ def bco_loss(
     rewards (desirable and undesirable; TRL updates before computing the loss) and then read.
     ``rejected_weights`` ``[N_U]``: optional UDM weights ω (see :func:`udm_weights`).
     β=0.1 (TRL default). Metrics: ``delta``, ``rewards/*``, ``logps/*``.
+    ``process_group`` (data parallelism): the running mean folds in every rank's rewards and
+    ``loss`` is this rank's share ``sum / N_global`` of the full batch's mean.
     """
     p_w, p_l, r_w, r_l = _unpaired(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
     rew_w, rew_l = beta * (p_w - r_w), beta * (p_l - r_l)
     if isinstance(delta, RewardRunningMean):
-        delta = delta.update(torch.cat((rew_w, rew_l)))
+        delta = delta.update(torch.cat((rew_w, rew_l)), process_group)
     d = scalar("delta", delta, rew_w).detach()
     chosen_losses = F.softplus(-(rew_w - d))
     rejected_losses = F.softplus(rew_l - d)
@@ -238,7 +277,7 @@ def bco_loss(
     losses = torch.cat((chosen_losses, rejected_losses))
     metrics = {"delta": d.reshape(())}
     metrics.update(_unpaired_metrics(rew_w, rew_l, p_w, p_l))
-    return LossOutput(_mean_or_zero(losses, rew_w), losses, metrics)
+    return LossOutput(_mean_or_zero(losses, rew_w, process_group), losses, metrics)
 
 
 def dro_loss(

@@ -1,0 +1,18 @@
+"""The vocabulary-parallel path on the Triton kernels under the interpreter, against float64
+(cases: ``tests/interpreted/vocab_parallel.py``; harness: ``tests/_interpret.py``)."""
+
+import pytest
+from _interpret import case_functions, check_function, run_cases
+
+CASES = "tests/interpreted/vocab_parallel.py"
+pytestmark = pytest.mark.interpret
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return run_cases(CASES, tmp_path_factory.mktemp("interpret"), {"main": None})
+
+
+@pytest.mark.parametrize("function", case_functions(CASES))
+def test_interpreted(results, function):
+    check_function(results, function)
