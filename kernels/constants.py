@@ -78,6 +78,16 @@ LLP_COMBINE_BN_TOPK = 32
 # and large enough below that for GEMMs that fill an H100.
 LLP_WORKSPACE_FLOOR_ELEMS = 1 << 26
 
+# Block-sparse backward products (gradient filtering): each program owns a [BN, BH] tile of the
+# fp32 dh accumulator or a [BV, BH] tile of dW and loops over the live [BN, BV] workspace tiles.
+# 128 hidden columns keep the 16-bit accumulators at 32 / 64 fp32 registers per thread at 8 warps
+# (a [64, 128] / [128, 128] tile, as the review builds of the tile kernels did without spills);
+# fp32 operands (IEEE dots on CUDA cores, or fp16's fp32 workspace) take half the columns.
+LLP_SPARSE_BH = 128
+LLP_SPARSE_BH_FP32 = 64
+# The loop body is conditional on a loaded flag, so deep software pipelining buys little.
+LLP_SPARSE_NUM_STAGES = 2
+
 # --- every family -------------------------------------------------------------------------------
 
 # Streaming multiprocessors assumed when the device cannot be asked (the interpreter on CPU):

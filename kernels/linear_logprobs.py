@@ -44,8 +44,9 @@ How the work is tiled (block sizes and their reasons in ``kernels/constants.py``
   ``_linear_logprobs_combine_kernel`` turns them into the outputs. A token block whose rows
   are all ignored skips its matmuls.
 * backward ``_linear_logprobs_bwd_kernel``: grid (token blocks, vocab blocks) of one chunk;
-  each program recomputes its logits tile, forms ``dr`` and stores it in the matmul dtype into
-  a bounded workspace of one vocabulary chunk ``[N, vc]`` (plus fp32 column sums for ``db``).
+  each program recomputes its logits tile, forms ``dr`` and stores it in the matmul dtype (fp32
+  for fp16 inputs: ``workspace_dtype``) into a bounded workspace of one vocabulary chunk
+  ``[N, vc]`` (plus fp32 column sums for ``db``).
   cuBLAS then contracts the chunk: ``dW[chunk] = dr.T @ h`` (each dW row written once, in the
   weight's dtype) and ``dh += dr @ W[chunk]`` (an fp32 ``[N, H]`` accumulator, O(N)). Nothing
   uses float atomics, so the backward is deterministic. The workspace holds
@@ -78,6 +79,7 @@ to fp32 and bf16 roundings are done by hand (``kernels/_jit.py``). It is never o
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -105,6 +107,7 @@ from ._common import (
 )
 from .linear_logprobs_bwd import _linear_logprobs_bwd_kernel
 from .linear_logprobs_fwd import N_PLANES, _linear_logprobs_combine_kernel, _linear_logprobs_fwd_kernel
+from .linear_logprobs_sparse import _linear_logprobs_dh_kernel, _linear_logprobs_dw_kernel
 
 __all__ = [
     "AOT_SPECS",
@@ -112,6 +115,7 @@ __all__ = [
     "FwdConfig",
     "bwd_config",
     "fwd_config",
+    "workspace_dtype",
     "linear_logprobs_bwd",
     "linear_logprobs_fwd",
 ]
@@ -178,6 +182,19 @@ def bwd_config(n: int, v: int, h: int, dtype: torch.dtype) -> BwdConfig:
     del v
     ws = max(n * h, C.LLP_WORKSPACE_FLOOR_ELEMS)
     return BwdConfig(_bn_for(n, dtype), C.LLP_BV, _bd_for(dtype), C.LLP_NUM_WARPS, C.LLP_NUM_STAGES, ws)
+
+
+def workspace_dtype(dot: torch.dtype) -> torch.dtype:
+    """Dtype of the backward's raw-logit gradient workspace for matmul dtype ``dot``.
+
+    fp16 gets an fp32 workspace. With a mean reduction the upstream gradient is ~1/N and ``dr``
+    is ~p/N: stored in fp16 (smallest normal 6.1e-5, subnormals to 6e-8) most of it flushed to
+    zero (98% of the values at N=8192, V=32000; dh relative error 6e-3 against 1.5e-4 for bf16).
+    The two GEMMs then run on fp32 operands: fp16 hidden / weight widen exactly, and on CUDA they
+    use TF32 tensor cores for that call (``_launch.tf32_products``), whose 10-bit mantissa is
+    fp16's, so ``dr`` keeps fp16's precision with fp32's exponent range. bf16 has fp32's
+    exponent range and keeps a bf16 workspace; fp32 keeps fp32."""
+    return torch.float32 if dot == torch.float16 else dot
 
 
 def _num_splits(n_token_blocks: int, n_vocab_blocks: int, device: torch.device) -> int:
@@ -306,10 +323,18 @@ def linear_logprobs_bwd(
     need_dweight: bool,
     need_dbias: bool,
     config: BwdConfig | None = None,
+    grad_filter: float = 0.0,
+    tile_stats: dict | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dhidden [N, H] | None, dweight [V, H] | None, dbias [V] | None)`` in the dtypes of
     hidden, weight and bias, of ``sum_k grads.k . stat_k``; ``saved`` holds the forward's ``lse``
     (and ``entropy`` / ``log_sum_p2`` where those get a gradient).
+
+    ``grad_filter`` > 0: gradient filtering (``alignops.linear_logprobs``'s ``grad_filter``): a
+    ``[BN, BV]`` tile whose probabilities are all below it and that holds no target of its rows
+    adds nothing to dh, dW and db, and the block-sparse products skip it. ``tile_stats``: a
+    dict that receives ``"live"`` and ``"tiles"`` (0-d int64 tensors on the device, no sync),
+    added to what it holds.
     """
     n, v, h, dot = _check(hidden, weight, targets, bias)
     if need_dbias and bias is None:
@@ -354,44 +379,116 @@ def linear_logprobs_bwd(
     vc = min(v, max(cfg.BV, ws_elems // n // cfg.BV * cfg.BV))
     if vc >= v and v > cfg.BV:
         vc = triton.cdiv(triton.cdiv(v, 2), cfg.BV) * cfg.BV
-    ws = empty((n, vc), dtype=dot, device=dev)
+    ws_dtype = workspace_dtype(dot)
+    ws = empty((n, vc), dtype=ws_dtype, device=dev)
     dbp = empty((n_tb, vc), dtype=torch.float32, device=dev) if need_dbias else None
-    # GEMM operands in the matmul dtype: a wider hidden is rounded once (O(N H)), a wider
-    # weight chunk by chunk (bounded by the workspace)
-    h_dot = hidden if hidden.dtype == dot else hidden.to(dot)
+    # GEMM operands in the workspace dtype: a hidden of another dtype is converted once (O(N H)),
+    # a weight chunk by chunk (bounded by the workspace). fp16 operands widen to fp32 exactly.
+    h_dot = hidden if hidden.dtype == ws_dtype else hidden.to(dot).to(ws_dtype)
     dh_acc = None
     if need_dhidden:
         dh_acc = dh if dh.dtype == torch.float32 else torch.zeros((n, h), dtype=torch.float32, device=dev)
         if dh_acc is dh:
             dh.zero_()
+    live = None
+    if grad_filter > 0.0:
+        live = empty((n_tb, triton.cdiv(vc, cfg.BV)), dtype=torch.int8, device=dev)
     for v0 in range(0, v, vc):
         cnt = min(vc, v - v0)
+        n_vb = triton.cdiv(cnt, cfg.BV)
         _launch.launch(
             _linear_logprobs_bwd_kernel,
-            (n_tb, triton.cdiv(cnt, cfg.BV)),
+            (n_tb, n_vb),
             p_dr=ws,
             p_db=dbp,
+            p_live=live,
             n_count=n,
             v_lo=v0,
             v_count=cnt,
             stride_dr=vc,
             stride_db=vc,
+            stride_live=live.stride(0) if live is not None else 0,
+            log_eps=math.log(grad_filter) if grad_filter > 0.0 else 0.0,
             **common,
         )
-        dr = ws[:, :cnt]
-        if need_dweight:
-            if dw.dtype == dot:
-                torch.mm(dr.T, h_dot, out=dw[v0 : v0 + cnt])  # [cnt, N] @ [N, H]
-            else:  # fp32 master weight: its gradient is the matmul-dtype product, widened
-                dw[v0 : v0 + cnt].copy_(dr.T @ h_dot)
         if need_dbias:
             db[v0 : v0 + cnt] = dbp[:, :cnt].sum(dim=0)
-        if dh_acc is not None:
-            w_chunk = weight[v0 : v0 + cnt]
-            _launch.mm_accumulate_fp32(dh_acc, dr, w_chunk if w_chunk.dtype == dot else w_chunk.to(dot))
+        if live is not None:
+            _sparse_products(
+                hidden, weight, ws, live, dh_acc, dw if need_dweight else None, v0, cnt, cfg, dot
+            )
+            if tile_stats is not None:
+                _count_tiles(tile_stats, live[:, :n_vb])
+            continue
+        dr = ws[:, :cnt]
+        with _launch.tf32_products(ws_dtype != dot and dr.is_cuda):
+            if need_dweight:
+                if dw.dtype == ws_dtype:
+                    torch.mm(dr.T, h_dot, out=dw[v0 : v0 + cnt])  # [cnt, N] @ [N, H]
+                else:  # the product in the workspace dtype, then rounded / widened once
+                    dw[v0 : v0 + cnt].copy_(dr.T @ h_dot)
+            if dh_acc is not None:
+                w_chunk = weight[v0 : v0 + cnt]
+                if w_chunk.dtype != ws_dtype:
+                    w_chunk = w_chunk.to(dot).to(ws_dtype)
+                _launch.mm_accumulate_fp32(dh_acc, dr, w_chunk)
     if dh_acc is not None and dh_acc is not dh:
         dh.copy_(dh_acc)
     return dh, dw, db
+
+
+def _count_tiles(tile_stats: dict, live: torch.Tensor) -> None:
+    for key, x in (
+        ("live", live.sum(dtype=torch.int64)),
+        ("tiles", live.new_tensor(live.numel(), dtype=torch.int64)),
+    ):
+        tile_stats[key] = tile_stats[key] + x if key in tile_stats else x
+
+
+def _sparse_products(hidden, weight, ws, live, dh_acc, dw, v0: int, cnt: int, cfg: BwdConfig, dot) -> None:
+    """``dh_acc += dr @ W[chunk]`` and ``dW[chunk] = dr.T @ h`` over the live tiles of the chunk
+    (``kernels/linear_logprobs_sparse.py``); fp16 inputs run fp32 (TF32 on a GPU) dots on the
+    fp32 workspace, exactly as the dense path does."""
+    n, h = hidden.shape
+    wide = ws.dtype != dot
+    flags = dict(
+        WIDE_DR=wide,
+        INTERP_BF16=_launch.interpreting() and ws.dtype == torch.bfloat16,
+        INPUT_PRECISION="tf32"
+        if wide and not _launch.interpreting()
+        else _launch.dot_flags(dot, dot, dot)["INPUT_PRECISION"],
+        BN=cfg.BN,
+        BV=cfg.BV,
+        BH=C.LLP_SPARSE_BH_FP32 if ws.dtype == torch.float32 else C.LLP_SPARSE_BH,
+        num_warps=C.LLP_NUM_WARPS,
+        num_stages=C.LLP_SPARSE_NUM_STAGES,
+    )
+    n_tb, n_vb, n_hb = live.shape[0], triton.cdiv(cnt, cfg.BV), triton.cdiv(h, flags["BH"])
+    common = dict(p_dr=ws, p_live=live, n_count=n, v_lo=v0, v_count=cnt, H=h, stride_dr=ws.stride(0))
+    common |= dict(stride_live=live.stride(0), **flags)
+    if dh_acc is not None:
+        _launch.launch(
+            _linear_logprobs_dh_kernel,
+            (n_tb, n_hb),
+            p_w=weight,
+            p_acc=dh_acc,
+            n_vb=n_vb,
+            stride_wv=weight.stride(0),
+            CAST_W=weight.dtype != ws.dtype,
+            **common,
+        )
+    if dw is not None:
+        _launch.launch(
+            _linear_logprobs_dw_kernel,
+            (n_vb, n_hb),
+            p_h=hidden,
+            p_dw=dw,
+            n_tb=n_tb,
+            stride_hn=hidden.stride(0),
+            CAST_H=hidden.dtype != ws.dtype,
+            OUT_BF16_INTERP=_launch.interpreting() and dw.dtype == torch.bfloat16,
+            **common,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
