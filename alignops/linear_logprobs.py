@@ -24,11 +24,13 @@ from ._cross_entropy import Reduction, check_ce_options, reduce_tokens, token_cr
 from ._ops._common import stats_like
 from ._ops.linear_logprobs import linear_logprobs_fwd_op
 from .kernels._common import (
+    GRAD_FILTER_AUTO,
     NOTHING_EXTRA,
     LogitOptions,
     StatRequest,
     TokenStats,
     check_linear_inputs,
+    grad_filter_threshold,
     rows_2d,
 )
 
@@ -61,13 +63,21 @@ class LogProbsOutput(NamedTuple):
 
 
 def linear_token_stats(
-    hidden, weight, targets, bias, opts: LogitOptions, want: StatRequest = NOTHING_EXTRA
+    hidden,
+    weight,
+    targets,
+    bias,
+    opts: LogitOptions,
+    want: StatRequest = NOTHING_EXTRA,
+    grad_filter: float | str | None = GRAD_FILTER_AUTO,
 ) -> TokenStats:
-    """:class:`TokenStats` with ``targets.shape`` (unrequested fields ``None``), differentiable."""
-    check_linear_inputs(hidden, weight, targets, bias)
+    """:class:`TokenStats` with ``targets.shape`` (unrequested fields ``None``), differentiable;
+    ``grad_filter`` as in :func:`linear_logprobs`."""
+    dot = check_linear_inputs(hidden, weight, targets, bias)
     want = want.checked(weight.shape[0])
+    eps = grad_filter_threshold(grad_filter, dot)
     h, y = rows_2d(hidden), targets.reshape(-1).long()
-    return stats_like(linear_logprobs_fwd_op(h, weight, y, bias, *opts.as_args(), *want), targets, want)
+    return stats_like(linear_logprobs_fwd_op(h, weight, y, bias, *opts.as_args(), *want, eps), targets, want)
 
 
 def linear_logprobs(
@@ -84,6 +94,7 @@ def linear_logprobs(
     return_lse: bool = False,
     return_log_sum_p2: bool = False,
     topk: int = 0,
+    grad_filter: float | str | None = GRAD_FILTER_AUTO,
 ) -> LogProbsOutput:
     """Per-token log-probabilities of ``targets`` under ``z = softcap(logit_scale * (hidden @
     weight.T + bias)) / temperature``, without the ``[N, V]`` logits.
@@ -104,6 +115,19 @@ def linear_logprobs(
         return_entropy / return_lse / return_log_sum_p2: also return those per-token values.
         topk: also return the ``topk`` most likely ids and their log-probs per token (``0 <= topk
             <= 64``), computed in the same pass.
+        grad_filter: gradient filtering in the backward (Cut Cross-Entropy, Wijmans et al., 2024,
+            arXiv 2411.09009). With a threshold ``t > 0``, a tile of the ``[N, V]`` softmax whose
+            probabilities are all below ``t`` and that holds no target of its rows adds nothing
+            to the gradients of hidden, weight and bias, and its share of the two backward
+            products is skipped. ``"auto"`` (default): ``t = finfo(dtype).eps / 32`` for a 16-bit
+            matmul dtype (bf16 2^-12, fp16 2^-15), off for fp32 / fp64; ``None`` or ``0``: off;
+            a float in ``(0, 1)``: that ``t``. Each dropped entry of the raw-logit gradient is at
+            most ``t`` times its row's coefficient (``|g_lse - g_logp|`` for log-prob / lse
+            gradients; with an entropy or ``log_sum_p2`` gradient the coefficient also carries
+            ``|z - E_p z|`` / ``2``). Never applied with a ``zmean`` gradient (label smoothing).
+            Tiles: ``[BN, BV]`` blocks on the Triton path (64 x 128 by default), one
+            vocabulary column of a token chunk on the torch engine. Deterministic: the same
+            inputs skip the same tiles and sum in the same order.
 
     Returns:
         :class:`LogProbsOutput`, float32 (float64 for float64 inputs) with ``targets.shape``
@@ -113,7 +137,8 @@ def linear_logprobs(
     """
     opts = LogitOptions(ignore_index, logit_scale, softcap, temperature)
     want = StatRequest(entropy=return_entropy, log_sum_p2=return_log_sum_p2, topk=topk)
-    return LogProbsOutput.of(linear_token_stats(hidden, weight, targets, bias, opts, want), return_lse)
+    st = linear_token_stats(hidden, weight, targets, bias, opts, want, grad_filter)
+    return LogProbsOutput.of(st, return_lse)
 
 
 def linear_cross_entropy(
@@ -130,6 +155,7 @@ def linear_cross_entropy(
     softcap: float | None = None,
     logit_scale: float = 1.0,
     num_items: int | float | torch.Tensor | None = None,
+    grad_filter: float | str | None = GRAD_FILTER_AUTO,
 ) -> torch.Tensor:
     """Cross-entropy of ``targets`` under ``hidden @ weight.T + bias`` without ``[N, V]`` logits.
 
@@ -143,9 +169,12 @@ def linear_cross_entropy(
     >= 1, so an all-ignored or empty batch gives exactly 0 (finite, with zero gradient).
     ``num_items`` (int, float or 0-d tensor) divides the sum by a global token count instead:
     gradient accumulation over micro-batches and ranks (no further averaging).
+    ``grad_filter``: gradient filtering, as in :func:`linear_logprobs` (not applied with
+    ``label_smoothing``).
     """
     check_ce_options(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, num_items=num_items)
     opts = LogitOptions(ignore_index, logit_scale, softcap, temperature)
-    st = linear_token_stats(hidden, weight, targets, bias, opts, StatRequest(zmean=label_smoothing != 0.0))
+    want = StatRequest(zmean=label_smoothing != 0.0)
+    st = linear_token_stats(hidden, weight, targets, bias, opts, want, grad_filter)
     ce = token_cross_entropy(st, label_smoothing=label_smoothing, z_loss=z_loss)
     return reduce_tokens(ce, targets != ignore_index, reduction, num_items)

@@ -94,15 +94,15 @@ def peaked_case(
 
 
 def filter_bound(hidden, weight, targets, coef, threshold: float):
-    """Elementwise bounds ``(|d dh|, |d dW|)`` of what filtering at ``threshold`` may drop, for
+    """Elementwise bounds ``(|d dh|, |d dW|, |d db|)`` of what filtering at ``threshold`` may drop, for
     ``dz = coef_n (onehot - p)``-shaped gradients (log-prob / lse gradients): it drops only
     entries with ``p < threshold`` that are not a target, each of size ``|coef_n| p``. Whatever
     the tiling: ``|d dh_nk| <= |coef_n| sum_{v: p_nv < t} p_nv |W_vk|`` and
-    ``|d dW_vk| <= sum_{n: p_nv < t} |coef_n| p_nv |h_nk|``."""
+    ``|d dW_vk| <= sum_{n: p_nv < t} |coef_n| p_nv |h_nk|`` (db: the same with ``h = 1``)."""
     z = hidden.double() @ weight.double().T
     p = torch.softmax(z, -1)
     valid = targets != IGNORE
     small = p * (p < threshold) * valid[:, None]
     small[torch.arange(len(targets))[valid], targets[valid]] = 0.0
     c = coef.double().abs()[:, None]
-    return (c * small) @ weight.double().abs(), (c * small).T @ hidden.double().abs()
+    return (c * small) @ weight.double().abs(), (c * small).T @ hidden.double().abs(), (c * small).sum(0)

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from _backward_cases import mean_ce_case, ref_mean_ce_grads, rel_rms
+from _backward_cases import filter_bound, mean_ce_case, peaked_case, ref_grads, ref_mean_ce_grads, rel_rms
 from alignops.kernels import _launch
 from alignops.kernels._common import NOTHING_EXTRA, LogitOptions, TokenStats
 
@@ -111,3 +111,98 @@ def test_mm_out_dtype_detection_matches_torch():
     major, minor = (int(x) for x in torch.__version__.split(".")[:2])
     want = tuple(int(x) for x in _launch.MM_OUT_DTYPE_MIN_TORCH.split("."))
     assert _launch._HAS_MM_OUT_DTYPE == ((major, minor) >= want)
+
+
+def _engine_filtered(hidden, weight, targets, g_logp, g_lse, threshold, bias=None):
+    st = E.linear_logprobs_fwd(hidden, weight, targets, bias, OPTS, NOTHING_EXTRA)
+    saved = TokenStats(st.logp, st.lse, None, None, None, None, None)
+    grads = TokenStats(g_logp, g_lse, None, None, None, None, None)
+    tiles = {}
+    out = E.linear_logprobs_bwd(
+        hidden,
+        weight,
+        targets,
+        bias,
+        saved,
+        grads,
+        OPTS,
+        need_dhidden=True,
+        need_dweight=True,
+        need_dbias=bias is not None,
+        grad_filter=threshold,
+        tile_stats=tiles,
+    )
+    return (*out, tiles["live"].item(), tiles["tiles"].item())
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_grad_filter_bound(dtype, chunked, monkeypatch):
+    """Torch engine, filtering at 2^-12 on peaked distributions (``peaked_case``): some vocabulary
+    columns are skipped, not all, and dh / dW / db differ from float64 by at most the tiling-free
+    bound of what filtering may drop (``filter_bound``) plus the dtype's rounding (fp32 1e-5,
+    bf16 2e-2 of the largest entry). ``chunked``: a workspace too small for all rows, so the
+    engine takes token chunks and accumulates dW in a buffer. N = 301, H = 48, V = 1031."""
+    if chunked:
+        monkeypatch.setenv("ALIGNOPS_CPU_WORKSPACE_BYTES", str(4 * 100 * 256 * 2))
+        monkeypatch.setenv("ALIGNOPS_CPU_MIN_VOCAB_BLOCK", "256")
+    hidden, weight, targets = peaked_case(N=301, H=48, V=1031, dtype=dtype, seed=21, sharp=8.0)
+    g = torch.Generator().manual_seed(22)
+    g_logp, g_lse = torch.randn(301, generator=g), torch.randn(301, generator=g) * 0.3
+    bias = torch.zeros(1031, dtype=dtype)
+    ref_dh, ref_dw = ref_grads(hidden, weight, targets, g_logp, g_lse)
+    bound_dh, bound_dw, bound_db = filter_bound(hidden, weight, targets, g_lse - g_logp, 2.0**-12)
+    dh, dw, db, live, tiles = _engine_filtered(hidden, weight, targets, g_logp, g_lse, 2.0**-12, bias)
+    assert 0 < live < tiles, (live, tiles)
+    rt = 1e-5 if dtype == torch.float32 else 2e-2
+    # d/db of the same loss: the column sums of dz = (g_lse - g_logp) p + g_logp onehot
+    z = hidden.double() @ weight.double().T
+    p = torch.softmax(z, -1)
+    valid = targets != -100
+    dz = (g_lse - g_logp).double()[:, None] * p
+    dz[torch.arange(301)[valid], targets[valid]] += g_logp.double()[valid]
+    ref_db = (dz * valid[:, None]).sum(0)
+    for name, ref, out, bound in (
+        ("dh", ref_dh, dh, bound_dh),
+        ("dw", ref_dw, dw, bound_dw),
+        ("db", ref_db, db, bound_db),
+    ):
+        err = (out.double() - ref).abs()
+        ok = err <= bound * 1.001 + rt * ref.abs().max()
+        assert bool(ok.all()), f"{name}: worst excess {(err - bound).max().item():.3e}"
+    again = _engine_filtered(hidden, weight, targets, g_logp, g_lse, 2.0**-12, bias)
+    assert all(torch.equal(a, b) for a, b in zip((dh, dw, db), again[:3]))  # deterministic
+
+
+def test_grad_filter_option_values():
+    """The public option: "auto" is CCE's eps / 32 for 16-bit, off for fp32 / fp64; None / 0
+    off; other strings and values outside [0, 1) raise."""
+    from alignops.kernels._common import grad_filter_threshold as t
+
+    assert t("auto", torch.bfloat16) == 2.0**-12 and t("auto", torch.float16) == 2.0**-15
+    assert t("auto", torch.float32) == 0.0 and t("auto", torch.float64) == 0.0
+    assert t(None, torch.bfloat16) == 0.0 and t(0, torch.bfloat16) == 0.0 and t(1e-3, torch.float32) == 1e-3
+    for bad in ("high", 1.0, -0.1):
+        with pytest.raises(ValueError, match="grad_filter"):
+            t(bad, torch.bfloat16)
+
+
+def test_public_grad_filter_reaches_backward():
+    """``alignops.linear_cross_entropy(..., grad_filter=t)`` (torch engine on the CPU): with
+    t = 2^-12 the gradient equals the engine's filtered backward; with None the unfiltered one,
+    and the two differ (the option is not dropped on the way)."""
+    import alignops
+
+    hidden, weight, targets = peaked_case(N=101, H=48, V=517, dtype=torch.float32, seed=31, sharp=8.0)
+    outs = {}
+    for opt in (2.0**-12, None):
+        h = hidden.clone().requires_grad_()
+        alignops.linear_cross_entropy(h, weight, targets, reduction="sum", grad_filter=opt).backward()
+        outs[opt] = h.grad
+    valid = targets != -100
+    g = torch.where(valid, -1.0, 0.0)
+    want_f = _engine_filtered(hidden, weight, targets, g, None, 2.0**-12)[0]
+    want_0 = _engine_filtered(hidden, weight, targets, g, None, 0.0 + 1e-300)[0]
+    torch.testing.assert_close(outs[2.0**-12], want_f, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(outs[None], want_0, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(outs[2.0**-12], outs[None], atol=0, rtol=0)

@@ -112,7 +112,7 @@ def test_grad_filter_bound(dtype):
     g_logp, g_lse = torch.randn(70, generator=g), torch.randn(70, generator=g) * 0.3
     t = 2.0**-12
     ref_dh, ref_dw = ref_grads(hidden, weight, targets, g_logp, g_lse)
-    bound_dh, bound_dw = filter_bound(hidden, weight, targets, g_lse - g_logp, t)
+    bound_dh, bound_dw, _ = filter_bound(hidden, weight, targets, g_lse - g_logp, t)
     dh, dw, live, tiles = _filtered(hidden, weight, targets, g_logp, g_lse, t)
     assert 0 < live < tiles, (live, tiles)
     rt = 5e-5 if dtype == torch.float32 else 2e-2
