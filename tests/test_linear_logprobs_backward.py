@@ -10,7 +10,7 @@ import pytest
 import torch
 from _backward_cases import filter_bound, mean_ce_case, peaked_case, ref_grads, ref_mean_ce_grads, rel_rms
 from alignops.kernels import _launch
-from alignops.kernels._common import NOTHING_EXTRA, LogitOptions, TokenStats
+from alignops.kernels._common import NOTHING_EXTRA, LogitOptions, StatRequest, TokenStats
 
 from alignops._torch import linear_logprobs as E
 
@@ -206,3 +206,49 @@ def test_public_grad_filter_reaches_backward():
     torch.testing.assert_close(outs[2.0**-12], want_f, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(outs[None], want_0, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(outs[2.0**-12], outs[None], atol=0, rtol=0)
+
+
+def test_engine_skips_ignored_rows(monkeypatch):
+    """A DPO-like batch (prompt rows ignored, in blocks): the engine runs its matmuls on the valid
+    rows only (the raw-logit product sees only them), and every output and gradient matches
+    float64, with exact zeros at ignored rows. N = 301, H = 24, V = 517; top-k ids -1 there."""
+    hidden, weight, targets, _ = mean_ce_case(N=301, H=24, V=517, dtype=torch.float32, seed=41, ignored=0.0)
+    targets[(torch.arange(301) // 50) % 2 == 0] = -100
+    valid = targets != -100
+    g = torch.Generator().manual_seed(42)
+    g_logp, g_lse = torch.randn(301, generator=g), torch.randn(301, generator=g)
+    rows_seen = []
+    raw = E._Operands.raw
+
+    def spy(self, c0, c1, v0, v1, wb, out):
+        rows_seen.append(self.h.shape[0])
+        return raw(self, c0, c1, v0, v1, wb, out)
+
+    monkeypatch.setattr(E._Operands, "raw", spy)
+    st = E.linear_logprobs_fwd(hidden, weight, targets, None, OPTS, StatRequest(entropy=True, topk=3))
+    saved = TokenStats(st.logp, st.lse, st.entropy, None, None, None, None)
+    grads = TokenStats(g_logp, g_lse, None, None, None, None, None)
+    dh, dw, _ = E.linear_logprobs_bwd(
+        hidden,
+        weight,
+        targets,
+        None,
+        saved,
+        grads,
+        OPTS,
+        need_dhidden=True,
+        need_dweight=True,
+        need_dbias=False,
+    )
+    assert set(rows_seen) == {int(valid.sum())}
+    z = hidden.double() @ weight.double().T
+    lse = torch.logsumexp(z, -1)
+    logp = z.gather(1, targets.clamp(min=0)[:, None])[:, 0] - lse
+    torch.testing.assert_close(st.logp.double(), torch.where(valid, logp, 0.0), atol=2e-5, rtol=0)
+    torch.testing.assert_close(st.lse.double(), torch.where(valid, lse, 0.0), atol=2e-5, rtol=0)
+    assert bool((st.topk_ids[~valid] == -1).all()) and bool((st.entropy[~valid] == 0).all())
+    assert torch.equal(st.topk_ids[valid], z.topk(3, -1).indices[valid])
+    ref_dh, ref_dw = ref_grads(hidden, weight, targets, g_logp, g_lse)
+    torch.testing.assert_close(dh.double(), ref_dh, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(dw.double(), ref_dw, atol=2e-5, rtol=1e-4)
+    assert bool((dh[~valid] == 0).all())

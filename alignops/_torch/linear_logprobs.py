@@ -77,7 +77,53 @@ class _Operands:
         return out
 
 
+#: Run the engine on the valid rows only: ignored rows (the prompt half of a DPO batch) get
+#: their zero outputs / gradients without a matmul. Only on the CPU, where the boolean index
+#: costs no device sync (on a GPU the Triton kernels skip all-ignored token blocks instead).
+COMPACT_IGNORED = True
+
+
+def _valid_index(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """Indices of the valid rows, or None when there is nothing to compact (or not on the CPU)."""
+    if not COMPACT_IGNORED or targets.device.type != "cpu":
+        return None
+    valid = targets != ignore_index
+    return None if bool(valid.all()) else valid.nonzero().squeeze(1)
+
+
+def _rows(x: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    return None if x is None else x.index_select(0, idx)
+
+
+def _scatter(x: torch.Tensor | None, idx: torch.Tensor, n: int, fill) -> torch.Tensor | None:
+    if x is None:
+        return None
+    out = torch.full((n, *x.shape[1:]), fill, dtype=x.dtype, device=x.device)
+    return out.index_copy_(0, idx, x)
+
+
 def linear_logprobs_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    opts: LogitOptions,
+    want: StatRequest = NOTHING_EXTRA,
+) -> TokenStats:
+    """The :class:`TokenStats` that ``want`` asks for, in the compute dtype (float32, or float64
+    for float64 inputs), zero at ignored rows (top-k ids -1); ignored rows cost no matmul."""
+    idx = _valid_index(targets, opts.ignore_index)
+    if idx is None:
+        return _fwd_rows(hidden, weight, targets, bias, opts, want)
+    check_linear_inputs(hidden, weight, targets, bias)
+    st = _fwd_rows(hidden.index_select(0, idx), weight, targets[idx], bias, opts, want)
+    n = hidden.shape[0]
+    return TokenStats(
+        *(_scatter(x, idx, n, -1 if k == "topk_ids" else 0) for k, x in zip(TokenStats._fields, st))
+    )
+
+
+def _fwd_rows(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
@@ -113,6 +159,35 @@ def linear_logprobs_fwd(
 
 
 def linear_logprobs_bwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    saved: TokenStats,
+    grads: TokenStats,
+    opts: LogitOptions,
+    *,
+    need_dhidden: bool,
+    need_dweight: bool,
+    need_dbias: bool,
+    grad_filter: float = 0.0,
+    tile_stats: dict | None = None,
+):
+    """Gradients ``(dh, dW, db)``: see :func:`_bwd_rows`; ignored rows cost no matmul (their dh
+    rows are exact zeros)."""
+    kw = dict(need_dhidden=need_dhidden, need_dweight=need_dweight, need_dbias=need_dbias)
+    kw |= dict(grad_filter=grad_filter, tile_stats=tile_stats)
+    idx = _valid_index(targets, opts.ignore_index)
+    if idx is None:
+        return _bwd_rows(hidden, weight, targets, bias, saved, grads, opts, **kw)
+    check_linear_inputs(hidden, weight, targets, bias)
+    check_saved(saved, grads)
+    sub = (TokenStats(*(_rows(x, idx) for x in t)) for t in (saved, grads))
+    dh, dw, db = _bwd_rows(hidden.index_select(0, idx), weight, targets[idx], bias, *sub, opts, **kw)
+    return _scatter(dh, idx, hidden.shape[0], 0), dw, db
+
+
+def _bwd_rows(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
