@@ -79,6 +79,7 @@ to fp32 and bf16 roundings are done by hand (``kernels/_jit.py``). It is never o
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple
 
@@ -107,7 +108,12 @@ from ._common import (
 )
 from .linear_logprobs_bwd import _linear_logprobs_bwd_kernel
 from .linear_logprobs_fwd import N_PLANES, _linear_logprobs_combine_kernel, _linear_logprobs_fwd_kernel
-from .linear_logprobs_sparse import _linear_logprobs_dh_kernel, _linear_logprobs_dw_kernel
+from .linear_logprobs_sparse import (
+    _linear_logprobs_dh_kernel,
+    _linear_logprobs_dw_kernel,
+    count_tiles,
+    sparse_products,
+)
 
 __all__ = [
     "AOT_SPECS",
@@ -414,11 +420,9 @@ def linear_logprobs_bwd(
         if need_dbias:
             db[v0 : v0 + cnt] = dbp[:, :cnt].sum(dim=0)
         if live is not None:
-            _sparse_products(
-                hidden, weight, ws, live, dh_acc, dw if need_dweight else None, v0, cnt, cfg, dot
-            )
+            sparse_products(hidden, weight, ws, live, dh_acc, dw if need_dweight else None, v0, cnt, cfg, dot)
             if tile_stats is not None:
-                _count_tiles(tile_stats, live[:, :n_vb])
+                count_tiles(tile_stats, live[:, :n_vb])
             continue
         dr = ws[:, :cnt]
         with _launch.tf32_products(ws_dtype != dot and dr.is_cuda):
@@ -435,60 +439,6 @@ def linear_logprobs_bwd(
     if dh_acc is not None and dh_acc is not dh:
         dh.copy_(dh_acc)
     return dh, dw, db
-
-
-def _count_tiles(tile_stats: dict, live: torch.Tensor) -> None:
-    for key, x in (
-        ("live", live.sum(dtype=torch.int64)),
-        ("tiles", live.new_tensor(live.numel(), dtype=torch.int64)),
-    ):
-        tile_stats[key] = tile_stats[key] + x if key in tile_stats else x
-
-
-def _sparse_products(hidden, weight, ws, live, dh_acc, dw, v0: int, cnt: int, cfg: BwdConfig, dot) -> None:
-    """``dh_acc += dr @ W[chunk]`` and ``dW[chunk] = dr.T @ h`` over the live tiles of the chunk
-    (``kernels/linear_logprobs_sparse.py``); fp16 inputs run fp32 (TF32 on a GPU) dots on the
-    fp32 workspace, exactly as the dense path does."""
-    n, h = hidden.shape
-    wide = ws.dtype != dot
-    flags = dict(
-        WIDE_DR=wide,
-        INTERP_BF16=_launch.interpreting() and ws.dtype == torch.bfloat16,
-        INPUT_PRECISION="tf32"
-        if wide and not _launch.interpreting()
-        else _launch.dot_flags(dot, dot, dot)["INPUT_PRECISION"],
-        BN=cfg.BN,
-        BV=cfg.BV,
-        BH=C.LLP_SPARSE_BH_FP32 if ws.dtype == torch.float32 else C.LLP_SPARSE_BH,
-        num_warps=C.LLP_NUM_WARPS,
-        num_stages=C.LLP_SPARSE_NUM_STAGES,
-    )
-    n_tb, n_vb, n_hb = live.shape[0], triton.cdiv(cnt, cfg.BV), triton.cdiv(h, flags["BH"])
-    common = dict(p_dr=ws, p_live=live, n_count=n, v_lo=v0, v_count=cnt, H=h, stride_dr=ws.stride(0))
-    common |= dict(stride_live=live.stride(0), **flags)
-    if dh_acc is not None:
-        _launch.launch(
-            _linear_logprobs_dh_kernel,
-            (n_tb, n_hb),
-            p_w=weight,
-            p_acc=dh_acc,
-            n_vb=n_vb,
-            stride_wv=weight.stride(0),
-            CAST_W=weight.dtype != ws.dtype,
-            **common,
-        )
-    if dw is not None:
-        _launch.launch(
-            _linear_logprobs_dw_kernel,
-            (n_vb, n_hb),
-            p_h=hidden,
-            p_dw=dw,
-            n_tb=n_tb,
-            stride_hn=hidden.stride(0),
-            CAST_H=hidden.dtype != ws.dtype,
-            OUT_BF16_INTERP=_launch.interpreting() and dw.dtype == torch.bfloat16,
-            **common,
-        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -508,6 +458,7 @@ def _aot_specs() -> list[AotSpec]:
             for feat, full, topk in FEATURES:
                 mixed = full and dtype != torch.float32
                 ptrs = {**INDEX_POINTERS, "p_h": ty, "p_w": "fp32" if mixed else ty, "p_b": ty, "p_dr": ty}
+                ptrs["p_live"] = "i8"
                 common = {"HAS_BIAS": full, "HAS_SOFTCAP": full, "CAST_H": False, "CAST_W": mixed}
                 common |= {"INTERP_BF16": False, "INPUT_PRECISION": "ieee"}
                 common |= {} if full else {"p_b": None, "softcap": None}
@@ -516,10 +467,18 @@ def _aot_specs() -> list[AotSpec]:
                 builds = [(_linear_logprobs_fwd_kernel, fwd_config(n, 0, 0, dtype, topk), fwd)]
                 if not topk:  # the backward does not depend on the top-k
                     bwd = grad_constexprs(full) | {"HAS_DB": full} | ({} if full else {"p_db": None})
-                    builds.append((_linear_logprobs_bwd_kernel, bwd_config(n, 0, 0, dtype), bwd))
+                    cfg = bwd_config(n, 0, 0, dtype)
+                    builds.append(
+                        (_linear_logprobs_bwd_kernel, cfg, bwd | {"HAS_FILTER": False, "p_live": None})
+                    )
+                    if dtype != torch.float32:  # gradient filtering: on by default for 16-bit
+                        builds.append((_linear_logprobs_bwd_kernel, cfg, bwd | {"HAS_FILTER": True}))
                 for kernel, cfg, extra in builds:
                     cx = {**common, **extra, "BN": cfg.BN, "BV": cfg.BV, "BD": cfg.BD}
-                    label = f"{ty} {feat}{' mixed' if mixed else ''} BN={cfg.BN} BV={cfg.BV} BD={cfg.BD}"
+                    label = f"{ty} {feat}{' mixed' if mixed else ''}"
+                    label += (
+                        f"{' filter' if extra.get('HAS_FILTER') else ''} BN={cfg.BN} BV={cfg.BV} BD={cfg.BD}"
+                    )
                     label += f" w{cfg.num_warps} s{cfg.num_stages}"
                     specs.append(
                         aot_spec(
@@ -531,6 +490,7 @@ def _aot_specs() -> list[AotSpec]:
                             label=label,
                         )
                     )
+    specs += _sparse_aot_specs()
     for feat, full, topk in FEATURES:
         cx = {k: x for k, x in stat_constexprs(full, topk).items() if not k.startswith("NEED_")}
         cx |= {"BN": combine_bn(topk), "HAS_ENT": full, "HAS_ZMEAN": full, "HAS_S2": full}
@@ -541,6 +501,55 @@ def _aot_specs() -> list[AotSpec]:
         specs.append(
             aot_spec(kernel, cx, pointer_types=INDEX_POINTERS, warps=warps, stages=stages, label=label)
         )
+    return specs
+
+
+def _sparse_aot_specs() -> list[AotSpec]:
+    """The block-sparse products of gradient filtering at the backward's tiles (BN 16 / 64, 32 for
+    fp32, BV 128): a bf16
+    workspace with a bf16 and an fp32 master operand, the fp32 workspace of fp16 inputs (TF32
+    dots) and fp32 inputs (IEEE dots)."""
+    specs = []
+    cases = (  # label, workspace, other operand, dW, WIDE_DR, input precision
+        ("bf16", "bf16", "bf16", "bf16", False, "ieee"),
+        ("bf16 mixed", "bf16", "fp32", "fp32", False, "ieee"),
+        ("fp16 fp32-workspace", "fp32", "fp16", "fp16", True, "tf32"),
+        ("fp32", "fp32", "fp32", "fp32", False, "ieee"),
+    )
+    for (label, ws, other, dw, wide, prec), n in itertools.product(
+        cases, (C.LLP_SMALL_N_MAX, C.LLP_SMALL_N_MAX + 1)
+    ):
+        bh = C.LLP_SPARSE_BH_FP32 if ws == "fp32" else C.LLP_SPARSE_BH
+        bn = _bn_for(n, torch.float32 if label == "fp32" else torch.bfloat16)
+        cx = {
+            "WIDE_DR": wide,
+            "INTERP_BF16": False,
+            "INPUT_PRECISION": prec,
+            "BN": bn,
+            "BV": C.LLP_BV,
+            "BH": bh,
+        }
+        kernels = (
+            (_linear_logprobs_dh_kernel, {"p_w": other}, {"CAST_W": other != ws}),
+            (
+                _linear_logprobs_dw_kernel,
+                {"p_h": other, "p_dw": dw},
+                {"CAST_H": other != ws, "OUT_BF16_INTERP": False},
+            ),
+        )
+        for kernel, ptrs, extra in kernels:
+            ptrs = {"p_dr": ws, "p_live": "i8", "p_acc": "fp32", **ptrs}
+            name = f"{label} BN={bn} BV={C.LLP_BV} BH={bh} w{C.LLP_NUM_WARPS} s{C.LLP_SPARSE_NUM_STAGES}"
+            specs.append(
+                aot_spec(
+                    kernel,
+                    cx | extra,
+                    pointer_types=ptrs,
+                    warps=C.LLP_NUM_WARPS,
+                    stages=C.LLP_SPARSE_NUM_STAGES,
+                    label=name,
+                )
+            )
     return specs
 
 

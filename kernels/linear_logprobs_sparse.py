@@ -17,9 +17,12 @@ Every output tile has one owner and a fixed summation order: no atomics, determi
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
+from . import _launch
+from . import constants as C
 from ._jit import dot_operands, for_store
 
 
@@ -130,3 +133,62 @@ def _linear_logprobs_dw_kernel(
             b_acc = tl.dot(tl.trans(b_dr), b_h, b_acc, input_precision=INPUT_PRECISION)
     p_out = p_dw + (v_lo + o_c)[:, None] * H + o_h[None, :]
     tl.store(p_out, for_store(b_acc, p_dw, OUT_BF16_INTERP), mask=m_c[:, None] & m_h[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers (called by kernels/linear_logprobs.py::linear_logprobs_bwd)
+# ----------------------------------------------------------------------------------------------
+
+
+def count_tiles(tile_stats: dict, live: torch.Tensor) -> None:
+    for key, x in (
+        ("live", live.sum(dtype=torch.int64)),
+        ("tiles", live.new_tensor(live.numel(), dtype=torch.int64)),
+    ):
+        tile_stats[key] = tile_stats[key] + x if key in tile_stats else x
+
+
+def sparse_products(hidden, weight, ws, live, dh_acc, dw, v0: int, cnt: int, cfg, dot) -> None:
+    """``dh_acc += dr @ W[chunk]`` and ``dW[chunk] = dr.T @ h`` over the live tiles of the chunk
+    (``kernels/linear_logprobs_sparse.py``); fp16 inputs run fp32 (TF32 on a GPU) dots on the
+    fp32 workspace, exactly as the dense path does."""
+    n, h = hidden.shape
+    wide = ws.dtype != dot
+    flags = dict(
+        WIDE_DR=wide,
+        INTERP_BF16=_launch.interpreting() and ws.dtype == torch.bfloat16,
+        INPUT_PRECISION="tf32"
+        if wide and not _launch.interpreting()
+        else _launch.dot_flags(dot, dot, dot)["INPUT_PRECISION"],
+        BN=cfg.BN,
+        BV=cfg.BV,
+        BH=C.LLP_SPARSE_BH_FP32 if ws.dtype == torch.float32 else C.LLP_SPARSE_BH,
+        num_warps=C.LLP_NUM_WARPS,
+        num_stages=C.LLP_SPARSE_NUM_STAGES,
+    )
+    n_tb, n_vb, n_hb = live.shape[0], triton.cdiv(cnt, cfg.BV), triton.cdiv(h, flags["BH"])
+    common = dict(p_dr=ws, p_live=live, n_count=n, v_lo=v0, v_count=cnt, H=h, stride_dr=ws.stride(0))
+    common |= dict(stride_live=live.stride(0), **flags)
+    if dh_acc is not None:
+        _launch.launch(
+            _linear_logprobs_dh_kernel,
+            (n_tb, n_hb),
+            p_w=weight,
+            p_acc=dh_acc,
+            n_vb=n_vb,
+            stride_wv=weight.stride(0),
+            CAST_W=weight.dtype != ws.dtype,
+            **common,
+        )
+    if dw is not None:
+        _launch.launch(
+            _linear_logprobs_dw_kernel,
+            (n_vb, n_hb),
+            p_h=hidden,
+            p_dw=dw,
+            n_tb=n_tb,
+            stride_hn=hidden.stride(0),
+            CAST_H=hidden.dtype != ws.dtype,
+            OUT_BF16_INTERP=_launch.interpreting() and dw.dtype == torch.bfloat16,
+            **common,
+        )
