@@ -16,6 +16,16 @@ from __future__ import annotations
 # registers per thread at 8 warps, leaving room for the softmax epilogue.
 LLP_BN = 64
 
+# Token block of the plain 16-bit forward (log-probs and lse only: no bias, soft-cap, extra
+# statistic or top-k; bf16) at large N. Per FLOP a [BN, BV] tile streams (1 / BN + 1 / BV) of
+# operand bytes from L2, so 128 x 128 moves a third less than 64 x 128 through the L2 -> SM path
+# that bounds the forward at the published shapes. It compiles at 255 registers with no spill
+# on sm_80 and sm_90a (one program per SM); the feature-rich and backward kernels spill at 128
+# rows and stay at 64. Below LLP_LARGE_N_MIN tokens (64 blocks of 128) the vocab splits needed
+# to fill 132 SMs would grow and two resident 64-row programs hide latency better.
+LLP_BN_LARGE = 128
+LLP_LARGE_N_MIN = 8192
+
 # Token block for fp32 inputs. Their default dot is IEEE fp32 on CUDA cores (no tensor cores),
 # whose [64, 128] tile needs 200-255 registers per thread and spilled on sm_90a in the build
 # report; 32 rows stay under 200 registers on sm_80 and sm_90a with no spill.

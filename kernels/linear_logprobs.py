@@ -79,6 +79,7 @@ to fp32 and bf16 roundings are done by hand (``kernels/_jit.py``). It is never o
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import NamedTuple
@@ -164,18 +165,41 @@ def _bn_for(n: int, dtype: torch.dtype) -> int:
     return C.LLP_BN_FP32 if dtype == torch.float32 else C.LLP_BN
 
 
-def fwd_config(n: int, v: int, h: int, dtype: torch.dtype, topk: int = 0) -> FwdConfig:
+@functools.lru_cache(maxsize=256)
+def fwd_config(n: int, v: int, h: int, dtype: torch.dtype, topk: int = 0, plain: bool = False) -> FwdConfig:
     """Default forward config for matmul dtype ``dtype``: ``BN`` 16 for tiny batches, else 64
     (32 for fp32), ``BV`` 128, ``BD`` 64 for 16-bit / 32 for fp32 (same bytes per row). With a
     top-k the running list takes registers: ``BN`` at most ``LLP_BN_TOPK`` and 4 warps for a
-    16-row tile. ``v``, ``h`` are accepted so the heuristic can grow without changing callers."""
+    16-row tile. ``plain`` (bf16 operands of one dtype, no bias, soft-cap, extra statistic or
+    top-k) from ``LLP_LARGE_N_MIN`` tokens on: 128-row tiles (the cost model in
+    ``kernels/constants.py``). A pure function of its arguments, cached: a shape always gets the
+    same config (no timing-based autotuning, so runs are reproducible). ``v``, ``h`` are accepted
+    so the model can grow without changing callers."""
     del v, h
+    if plain and dtype == torch.bfloat16 and n >= C.LLP_LARGE_N_MIN and not topk:
+        return FwdConfig(C.LLP_BN_LARGE, C.LLP_BV, _bd_for(dtype), C.LLP_NUM_WARPS, C.LLP_NUM_STAGES)
     bn = _bn_for(n, dtype)
     warps = C.LLP_NUM_WARPS
     if topk:
         bn = min(bn, C.LLP_BN_TOPK)
         warps = C.LLP_NUM_WARPS_TOPK_SMALL if bn == C.LLP_BN_SMALL else warps
     return FwdConfig(bn, C.LLP_BV, _bd_for(dtype), warps, C.LLP_NUM_STAGES)
+
+
+def fwd_candidates() -> list[tuple[torch.dtype, FwdConfig]]:
+    """Every ``(matmul dtype, config)`` that :func:`fwd_config` can return (tests run each one;
+    ``alignops kernels`` builds each one)."""
+    out = []
+    for dtype, n, topk, plain in itertools.product(
+        (torch.bfloat16, torch.float16, torch.float32),
+        (C.LLP_SMALL_N_MAX, C.LLP_SMALL_N_MAX + 1, C.LLP_LARGE_N_MIN),
+        (0, 1),
+        (False, True),
+    ):
+        cand = (dtype, fwd_config(n, 0, 0, dtype, topk, plain))
+        if cand not in out:
+            out.append(cand)
+    return out
 
 
 def combine_bn(topk: int) -> int:
@@ -255,7 +279,8 @@ def linear_logprobs_fwd(
     stats = _launch.stat_outputs(n, want, dev)
     if n == 0:
         return stats
-    cfg = config or fwd_config(n, v, h, dot, want.topk)
+    plain = want == NOTHING_EXTRA and bias is None and opts.softcap is None and hidden.dtype == weight.dtype
+    cfg = config or fwd_config(n, v, h, dot, want.topk, plain)
     targets = targets.contiguous()
     n_tb = triton.cdiv(n, cfg.BN)
     n_vb = triton.cdiv(v, cfg.BV)
@@ -465,6 +490,9 @@ def _aot_specs() -> list[AotSpec]:
                 fwd = {k: x for k, x in stat_constexprs(full, topk).items() if k not in OPTIONAL_OUTPUTS}
                 fwd |= {} if topk else {"p_topv": None, "p_topi": None}
                 builds = [(_linear_logprobs_fwd_kernel, fwd_config(n, 0, 0, dtype, topk), fwd)]
+                if feat == "plain" and dtype == torch.bfloat16 and n > C.LLP_SMALL_N_MAX:
+                    large = fwd_config(C.LLP_LARGE_N_MIN, 0, 0, dtype, 0, plain=True)
+                    builds.append((_linear_logprobs_fwd_kernel, large, fwd))
                 if not topk:  # the backward does not depend on the top-k
                     bwd = grad_constexprs(full) | {"HAS_DB": full} | ({} if full else {"p_db": None})
                     cfg = bwd_config(n, 0, 0, dtype)

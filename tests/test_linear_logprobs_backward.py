@@ -252,3 +252,37 @@ def test_engine_skips_ignored_rows(monkeypatch):
     torch.testing.assert_close(dh.double(), ref_dh, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(dw.double(), ref_dw, atol=2e-5, rtol=1e-4)
     assert bool((dh[~valid] == 0).all())
+
+
+def test_forward_config_choice_and_report_coverage():
+    """The forward's config is a pure, cached function of the shape: 128-row tiles only for the
+    plain bf16 forward from LLP_LARGE_N_MIN tokens on; and the kernel report (AOT_SPECS) builds
+    every configuration the heuristic can pick for bf16 / fp32 (fp16 compiles as bf16)."""
+    pytest.importorskip("triton")
+    from alignops.kernels import constants as C
+    from alignops.kernels import linear_logprobs as K
+
+    big = C.LLP_LARGE_N_MIN
+    assert K.fwd_config(big, 1, 1, torch.bfloat16, 0, True).BN == C.LLP_BN_LARGE
+    assert K.fwd_config(big - 1, 1, 1, torch.bfloat16, 0, True).BN == C.LLP_BN
+    assert K.fwd_config(big, 1, 1, torch.bfloat16, 0, False).BN == C.LLP_BN
+    assert K.fwd_config(big, 1, 1, torch.float32, 0, True).BN == C.LLP_BN_FP32
+    assert K.fwd_config(big, 1, 1, torch.bfloat16, 0, True) is K.fwd_config(
+        big, 1, 1, torch.bfloat16, 0, True
+    )
+    built = {
+        (
+            s.signature["p_h"].split(":")[0].lstrip("*"),
+            s.constexprs["BN"],
+            s.constexprs["BV"],
+            s.constexprs["BD"],
+            s.num_warps,
+        )
+        for s in K.AOT_SPECS
+        if s.name == "_linear_logprobs_fwd_kernel"
+    }
+    for dtype, cfg in K.fwd_candidates():
+        if dtype == torch.float16:
+            continue
+        ty = "bf16" if dtype == torch.bfloat16 else "fp32"
+        assert (ty, cfg.BN, cfg.BV, cfg.BD, cfg.num_warps) in built, (dtype, cfg)

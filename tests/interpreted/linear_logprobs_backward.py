@@ -17,8 +17,9 @@ import torch
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 before import (see module docstring)", allow_module_level=True)
 
+from alignops.kernels import constants as C  # noqa: E402
 from alignops.kernels import linear_logprobs as K  # noqa: E402
-from alignops.kernels._common import NOTHING_EXTRA, LogitOptions, TokenStats  # noqa: E402
+from alignops.kernels._common import NOTHING_EXTRA, LogitOptions, StatRequest, TokenStats  # noqa: E402
 
 from tests._assert import assert_close  # noqa: E402
 from tests._backward_cases import (  # noqa: E402
@@ -144,3 +145,28 @@ def test_grad_filter_deterministic_and_ignored_blocks():
     ref_dh, ref_dw = ref_grads(hidden, weight, targets, g_logp)
     assert_close("dh", ref_dh, dh, atol=5e-5 * ref_dh.abs().max().item())
     assert_close("dw", ref_dw, dw, atol=5e-5 * ref_dw.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "dtype,cfg",
+    K.fwd_candidates(),
+    ids=lambda x: str(x).replace("torch.", "") if isinstance(x, torch.dtype) else None,
+)
+def test_every_forward_candidate(dtype, cfg):
+    """Each configuration the forward heuristic can pick (``fwd_candidates``: BN 16 / 32 / 64 /
+    128, with and without a top-k) against float64 at N = 150, H = 40, V = 300: a partial last
+    token block for every BN, several vocab blocks and splits. The top-k configs also check the
+    top-5 ids."""
+    hidden, weight, targets, _ = mean_ce_case(N=150, H=40, V=300, dtype=dtype, seed=51)
+    topk = 5 if cfg.BN <= C.LLP_BN_TOPK else 0  # the top-k configs (and the other small ones)
+    want = StatRequest(topk=topk)
+    st = K.linear_logprobs_fwd(hidden, weight, targets, None, OPTS, want, config=cfg)
+    z = hidden.double() @ weight.double().T
+    valid = targets != IGNORE
+    lse = torch.logsumexp(z, -1)
+    logp = z.gather(1, targets.clamp(min=0)[:, None])[:, 0] - lse
+    tol = 2e-5 if dtype == torch.float32 else 2e-4  # operands are already rounded: fp32 sums only
+    assert_close("lse", torch.where(valid, lse, 0.0), st.lse, atol=tol, rtol=tol)
+    assert_close("logp", torch.where(valid, logp, 0.0), st.logp, atol=tol, rtol=tol)
+    if topk:
+        assert torch.equal(st.topk_ids[valid], z.topk(topk, -1).indices[valid])
