@@ -61,6 +61,11 @@ LLP_NUM_STAGES = 3
 # token count (few token blocks) still fills the GPU. Two resident programs per SM overlap one
 # program's epilogue with the other's loads.
 LLP_PROGRAMS_PER_SM = 2
+# ... where two fit: the kernel report gives the plain 16-bit forward at BN <= 64 about 124
+# registers x 256 threads (two programs per SM's 64k registers); the feature-rich builds
+# (182-222 registers) and the 128-row tile (255) fit one, so the split count aims at one program
+# per SM for them (more splits would only add combine work and fp32 partials).
+LLP_PROGRAMS_PER_SM_LARGE = 1
 
 
 # Upper bound on vocab splits. The combine kernel loops over splits, so this only bounds the

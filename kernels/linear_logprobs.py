@@ -227,9 +227,16 @@ def workspace_dtype(dot: torch.dtype) -> torch.dtype:
     return torch.float32 if dot == torch.float16 else dot
 
 
-def _num_splits(n_token_blocks: int, n_vocab_blocks: int, device: torch.device) -> int:
-    """Vocab splits so that token blocks x splits reaches ~LLP_PROGRAMS_PER_SM per SM."""
-    target = C.LLP_PROGRAMS_PER_SM * _launch.sm_count(device)
+def programs_per_sm(cfg: FwdConfig, plain: bool) -> int:
+    """Forward programs resident per SM (the occupancy the split count aims at): two for the
+    plain forward at BN <= 64, one for the feature-rich builds and the 128-row tile (their
+    register counts in the kernel report; ``kernels/constants.py``)."""
+    return C.LLP_PROGRAMS_PER_SM if plain and cfg.BN <= C.LLP_BN else C.LLP_PROGRAMS_PER_SM_LARGE
+
+
+def _num_splits(n_token_blocks: int, n_vocab_blocks: int, device: torch.device, per_sm: int = 2) -> int:
+    """Vocab splits so that token blocks x splits reaches ~``per_sm`` programs per SM."""
+    target = per_sm * _launch.sm_count(device)
     splits = triton.cdiv(target, n_token_blocks)
     return max(1, min(splits, n_vocab_blocks, C.LLP_MAX_SPLITS))
 
@@ -284,7 +291,7 @@ def linear_logprobs_fwd(
     targets = targets.contiguous()
     n_tb = triton.cdiv(n, cfg.BN)
     n_vb = triton.cdiv(v, cfg.BV)
-    splits = cfg.num_splits or _num_splits(n_tb, n_vb, dev)
+    splits = cfg.num_splits or _num_splits(n_tb, n_vb, dev, programs_per_sm(cfg, plain))
     blocks_per_split = triton.cdiv(n_vb, max(1, min(splits, n_vb)))
     splits = triton.cdiv(n_vb, blocks_per_split)  # no empty split
     part = empty((N_PLANES, splits, n), dtype=torch.float32, device=dev)

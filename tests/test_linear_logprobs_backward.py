@@ -286,3 +286,18 @@ def test_forward_config_choice_and_report_coverage():
             continue
         ty = "bf16" if dtype == torch.bfloat16 else "fp32"
         assert (ty, cfg.BN, cfg.BV, cfg.BD, cfg.num_warps) in built, (dtype, cfg)
+
+
+def test_forward_splits_follow_occupancy():
+    """The vocab split count aims at the programs that fit an SM: two for the plain forward at
+    64 rows, one for the 128-row tile and the feature-rich builds (132 SMs without a GPU)."""
+    pytest.importorskip("triton")
+    from alignops.kernels import linear_logprobs as K
+
+    cpu = torch.device("cpu")
+    plain64 = K.fwd_config(4096, 1, 1, torch.bfloat16, 0, True)
+    plain128 = K.fwd_config(8192, 1, 1, torch.bfloat16, 0, True)
+    assert K.programs_per_sm(plain64, True) == 2 and K.programs_per_sm(plain128, True) == 1
+    assert K.programs_per_sm(plain64, False) == 1
+    assert K._num_splits(4096 // 64, 2000, cpu, K.programs_per_sm(plain64, True)) == 5  # 64 x 5 >= 264
+    assert K._num_splits(8192 // 128, 2000, cpu, K.programs_per_sm(plain128, True)) == 3  # 64 x 3 >= 132
