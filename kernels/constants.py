@@ -86,6 +86,13 @@ LLP_BN_TOPK = 32
 LLP_NUM_WARPS_TOPK_SMALL = 4
 LLP_COMBINE_BN_TOPK = 32
 
+# Grouped tile order of the backward's recompute kernel: GROUP_N token blocks x every vocab block
+# of the chunk, then the next group. At N = 16384, H = 2048 the hidden states (67 MB) exceed an
+# H100's 50 MB L2; walking token blocks fastest would stream all of them from HBM once per
+# vocab block (~130 GB at V = 248320). A group of 8 keeps 8 x 64 rows of h (2 MiB) hot while
+# the wave of ~264 programs reads ~33 W blocks (17 MiB), each shared by the 8 token blocks.
+LLP_GROUP_N = 8
+
 # Backward workspace floor, in elements. The backward writes the raw-logit gradient dr of one
 # vocabulary chunk ([N, vocab chunk]) in the matmul dtype, then hands it to two cuBLAS GEMMs.
 # The chunk holds at most max(N * H, this floor) elements:

@@ -43,7 +43,8 @@ How the work is tiled (block sizes and their reasons in ``kernels/constants.py``
   dtype) and folds it into the online statistics. It writes O(N * splits) fp32 partials;
   ``_linear_logprobs_combine_kernel`` turns them into the outputs. A token block whose rows
   are all ignored skips its matmuls.
-* backward ``_linear_logprobs_bwd_kernel``: grid (token blocks, vocab blocks) of one chunk;
+* backward ``_linear_logprobs_bwd_kernel``: the (token block, vocab block) tiles of one chunk,
+  in grouped order (``GROUP_N`` token blocks x all vocab blocks, then the next group);
   each program recomputes its logits tile, forms ``dr`` and stores it in the matmul dtype (fp32
   for fp16 inputs: ``workspace_dtype``) into a bounded workspace of one vocabulary chunk
   ``[N, vc]`` (plus fp32 column sums for ``db``).
@@ -405,6 +406,7 @@ def linear_logprobs_bwd(
         BN=cfg.BN,
         BV=cfg.BV,
         BD=cfg.BD,
+        GROUP_N=C.LLP_GROUP_N,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -436,7 +438,7 @@ def linear_logprobs_bwd(
         n_vb = triton.cdiv(cnt, cfg.BV)
         _launch.launch(
             _linear_logprobs_bwd_kernel,
-            (n_tb, n_vb),
+            (n_tb * n_vb,),
             p_dr=ws,
             p_db=dbp,
             p_live=live,
@@ -501,7 +503,8 @@ def _aot_specs() -> list[AotSpec]:
                     large = fwd_config(C.LLP_LARGE_N_MIN, 0, 0, dtype, 0, plain=True)
                     builds.append((_linear_logprobs_fwd_kernel, large, fwd))
                 if not topk:  # the backward does not depend on the top-k
-                    bwd = grad_constexprs(full) | {"HAS_DB": full} | ({} if full else {"p_db": None})
+                    bwd = grad_constexprs(full) | {"HAS_DB": full, "GROUP_N": C.LLP_GROUP_N}
+                    bwd |= {} if full else {"p_db": None}
                     cfg = bwd_config(n, 0, 0, dtype)
                     builds.append(
                         (_linear_logprobs_bwd_kernel, cfg, bwd | {"HAS_FILTER": False, "p_live": None})

@@ -1,7 +1,8 @@
 """Backward kernel of the fused linear log-probs; the math, the tiling and the naming grammar
 are in the docstring of ``kernels/linear_logprobs.py``, which holds the launchers.
 
-`_linear_logprobs_bwd_kernel`: grid (token blocks, vocab blocks) of one vocabulary chunk;
+`_linear_logprobs_bwd_kernel`: a 1-D grid over the (token block, vocab block) tiles of one
+vocabulary chunk in grouped order (``GROUP_N`` token blocks at a time);
 recomputes the logits tile, forms the raw-logit gradient ``dr`` and stores it in the
 workspace's dtype (the matmul dtype; fp32 for fp16) into the launcher's workspace (the GEMMs
 ``dr @ W`` and ``dr.T @ h`` follow in the launcher), plus fp32 column sums of ``dr`` for the
@@ -61,6 +62,7 @@ def _linear_logprobs_bwd_kernel(
     BN: tl.constexpr,
     BV: tl.constexpr,
     BD: tl.constexpr,
+    GROUP_N: tl.constexpr,
 ):
     """One [BN, BV] tile of the chunk (rows ``[0, n_count)``, vocab rows ``v_lo + [0, v_count)``):
     the raw-logit gradient ``dr`` into ``p_dr`` [n_count, v_count] (workspace dtype, row stride
@@ -68,9 +70,18 @@ def _linear_logprobs_bwd_kernel(
     ``stride_db``). With ``p_live`` [token blocks, vocab blocks] int8 (row stride ``stride_live``):
     gradient filtering at ``p >= exp(log_eps)``; a dead tile writes only its flag 0 and zero
     column sums (its ``dr`` entries stay unwritten: the products never read them)."""
+    # grouped tile order (L2-friendly): a 1-D grid walks GROUP_N token blocks x all vocab blocks
+    # of the chunk before the next group, so a wave of programs shares a few h blocks and the
+    # W blocks it streams, instead of streaming all of h once per vocabulary block
     # program ids multiply row lengths (N * V, V * H can pass 2**31): int64 from here on
-    i_n = tl.program_id(0).to(tl.int64)
-    i_v = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    n_tb = tl.cdiv(n_count, BN)
+    n_vb = tl.cdiv(v_count, BV)
+    per_group = GROUP_N * n_vb
+    first_n = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(n_tb - first_n, GROUP_N)
+    i_n = first_n + (pid % per_group) % group_size
+    i_v = (pid % per_group) // group_size
     o_n = i_n * BN + tl.arange(0, BN)
     o_c = i_v * BV + tl.arange(0, BV)  # vocab row within the chunk
     m_n = o_n < n_count
