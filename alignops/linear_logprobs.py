@@ -25,11 +25,13 @@ from ._ops._common import stats_like
 from ._ops.linear_logprobs import linear_logprobs_fwd_op
 from ._vocab_parallel import is_dtensor, linear_token_stats_parallel
 from .kernels._common import (
+    GRAD_FILTER_AUTO,
     NOTHING_EXTRA,
     LogitOptions,
     StatRequest,
     TokenStats,
     check_linear_inputs,
+    grad_filter_threshold,
     rows_2d,
 )
 
@@ -77,18 +79,20 @@ def linear_token_stats(
     opts: LogitOptions,
     want: StatRequest = NOTHING_EXTRA,
     parallel: VocabParallel | None = None,
+    grad_filter: float | str | None = GRAD_FILTER_AUTO,
 ) -> TokenStats:
-    """:class:`TokenStats` with ``targets.shape`` (unrequested fields ``None``), differentiable.
-    With ``parallel.process_group`` set, or a DTensor ``weight``, ``weight`` / ``bias`` are this
-    rank's vocabulary slice and the statistics cover the full vocabulary
-    (``alignops._vocab_parallel``)."""
+    """:class:`TokenStats` with ``targets.shape`` (unrequested fields ``None``), differentiable;
+    ``grad_filter`` as in :func:`linear_logprobs`. With ``parallel.process_group`` set, or a
+    DTensor ``weight``, ``weight`` / ``bias`` are this rank's vocabulary slice and the statistics
+    cover the full vocabulary (``alignops._vocab_parallel``; no gradient filtering there)."""
     par = VocabParallel() if parallel is None else parallel
     if par.process_group is not None or is_dtensor(weight) or is_dtensor(bias):
         return linear_token_stats_parallel(hidden, weight, targets, bias, opts, want, *par)
-    check_linear_inputs(hidden, weight, targets, bias)
+    dot = check_linear_inputs(hidden, weight, targets, bias)
     want = want.checked(weight.shape[0])
+    eps = grad_filter_threshold(grad_filter, dot)
     h, y = rows_2d(hidden), targets.reshape(-1).long()
-    return stats_like(linear_logprobs_fwd_op(h, weight, y, bias, *opts.as_args(), *want), targets, want)
+    return stats_like(linear_logprobs_fwd_op(h, weight, y, bias, *opts.as_args(), *want, eps), targets, want)
 
 
 def linear_logprobs(
@@ -108,6 +112,7 @@ def linear_logprobs(
     process_group=None,
     vocab_size: int | None = None,
     reduce_hidden_grad: bool = True,
+    grad_filter: float | str | None = GRAD_FILTER_AUTO,
 ) -> LogProbsOutput:
     """Per-token log-probabilities of ``targets`` under ``z = softcap(logit_scale * (hidden @
     weight.T + bias)) / temperature``, without the ``[N, V]`` logits.
@@ -138,6 +143,19 @@ def linear_logprobs(
         reduce_hidden_grad: with a process group, all-reduce (sum) the gradient of ``hidden``
             over the group (default); ``False`` returns this rank's partial sum, for a caller
             whose layer reduces it already.
+        grad_filter: gradient filtering in the backward (Cut Cross-Entropy, Wijmans et al., 2024,
+            arXiv 2411.09009). With a threshold ``t > 0``, a tile of the ``[N, V]`` softmax whose
+            probabilities are all below ``t`` and that holds no target of its rows adds nothing
+            to the gradients of hidden, weight and bias, and its share of the two backward
+            products is skipped. ``"auto"`` (default): ``t = finfo(dtype).eps / 32`` for a 16-bit
+            matmul dtype (bf16 2^-12, fp16 2^-15), off for fp32 / fp64; ``None`` or ``0``: off;
+            a float in ``(0, 1)``: that ``t``. Each dropped entry of the raw-logit gradient is at
+            most ``t`` times its row's coefficient (``|g_lse - g_logp|`` for log-prob / lse
+            gradients; with an entropy or ``log_sum_p2`` gradient the coefficient also carries
+            ``|z - E_p z|`` / ``2``). Never applied with a ``zmean`` gradient (label smoothing).
+            Tiles: ``[BN, BV]`` blocks on the Triton path (64 x 128 by default), one
+            vocabulary column of a token chunk on the torch engine. Deterministic: the same
+            inputs skip the same tiles and sum in the same order. Not applied with a process group.
 
     Returns:
         :class:`LogProbsOutput`, float32 (float64 for float64 inputs) with ``targets.shape``
@@ -148,7 +166,8 @@ def linear_logprobs(
     opts = LogitOptions(ignore_index, logit_scale, softcap, temperature)
     want = StatRequest(entropy=return_entropy, log_sum_p2=return_log_sum_p2, topk=topk)
     par = VocabParallel(process_group, vocab_size, reduce_hidden_grad)
-    return LogProbsOutput.of(linear_token_stats(hidden, weight, targets, bias, opts, want, par), return_lse)
+    st = linear_token_stats(hidden, weight, targets, bias, opts, want, par, grad_filter)
+    return LogProbsOutput.of(st, return_lse)
 
 
 def linear_cross_entropy(
@@ -168,6 +187,7 @@ def linear_cross_entropy(
     process_group=None,
     vocab_size: int | None = None,
     reduce_hidden_grad: bool = True,
+    grad_filter: float | str | None = GRAD_FILTER_AUTO,
 ) -> torch.Tensor:
     """Cross-entropy of ``targets`` under ``hidden @ weight.T + bias`` without ``[N, V]`` logits.
 
@@ -183,12 +203,14 @@ def linear_cross_entropy(
     gradient accumulation over micro-batches and ranks (no further averaging).
 
     ``process_group`` / ``vocab_size`` / ``reduce_hidden_grad``: a vocabulary-parallel head, as in
-    :func:`linear_logprobs` (every rank returns the same loss).
+    :func:`linear_logprobs` (every rank returns the same loss). ``grad_filter``: gradient
+    filtering, as in :func:`linear_logprobs` (not applied with ``label_smoothing`` or a process
+    group).
     """
     check_ce_options(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, num_items=num_items)
     opts = LogitOptions(ignore_index, logit_scale, softcap, temperature)
     par = VocabParallel(process_group, vocab_size, reduce_hidden_grad)
     want = StatRequest(zmean=label_smoothing != 0.0)
-    st = linear_token_stats(hidden, weight, targets, bias, opts, want, par)
+    st = linear_token_stats(hidden, weight, targets, bias, opts, want, par, grad_filter)
     ce = token_cross_entropy(st, label_smoothing=label_smoothing, z_loss=z_loss)
     return reduce_tokens(ce, targets != ignore_index, reduction, num_items)

@@ -123,6 +123,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="every family once, small shapes")
     p.add_argument(
+        "--gpu-check",
+        action="store_true",
+        help="the first GPU run in one command (CUDA tests, then the published shapes and a DPO / "
+        "GRPO step against every peer, under 8 minutes); exits with 2 without CUDA",
+    )
+    p.add_argument(
         "--out", type=Path, default=None, help=f"results folder (default: ${OUT_ENV} or ./{DEFAULT_OUT_NAME})"
     )
     p.add_argument("--tag", default=None, help="JSON file name (default: quick / run)")
@@ -303,6 +309,10 @@ def _run_all(
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.gpu_check:
+        from .gpu_check import main as gpu_check
+
+        return gpu_check()
     if args.seq_len is not None:
         if args.seq_len < 2:
             raise SystemExit("alignops bench: --seq-len must be >= 2")

@@ -29,7 +29,7 @@ ALIGNED_INTS = frozenset(
     | {"stride_xb", "stride_xt", "stride_dxb", "stride_dxt"}
 )
 # Float scalars of the logit transform (everything else that is not a pointer is an integer).
-FLOAT_ARGS = frozenset({"scale", "softcap", "inv_temp"})
+FLOAT_ARGS = frozenset({"scale", "softcap", "inv_temp", "log_eps"})
 
 
 @dataclass(frozen=True)

@@ -338,3 +338,26 @@ def rows_3d_like(out: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
         if d3.shape != x3.shape:
             raise ValueError("out must have the logits' layout (or be contiguous)") from None
         return d3
+
+
+#: The ``grad_filter`` value that picks the threshold from the matmul dtype.
+GRAD_FILTER_AUTO = "auto"
+
+
+def grad_filter_threshold(option: float | str | None, dot: torch.dtype) -> float:
+    """The gradient-filtering threshold on ``p`` (0.0: off) of the public ``grad_filter`` option.
+
+    ``"auto"``: a 16-bit matmul dtype gets ``finfo(dot).eps / 32`` (bf16: 2^-12, fp16: 2^-15),
+    the rule of Cut Cross-Entropy (Wijmans et al., 2024, arXiv 2411.09009): an entry with
+    ``p`` below it is under 1/32 of an ulp of the largest gradient entry of its row in that dtype.
+    fp32 / fp64 get 0.0 (off). ``None`` or 0: off. A float in ``(0, 1)``: that threshold."""
+    if option is None:
+        return 0.0
+    if isinstance(option, str):
+        if option != GRAD_FILTER_AUTO:
+            raise ValueError(f"grad_filter must be 'auto', None or a float in [0, 1), got {option!r}")
+        return torch.finfo(dot).eps / 32 if dot in (torch.float16, torch.bfloat16) else 0.0
+    option = float(option)
+    if not 0.0 <= option < 1.0:
+        raise ValueError(f"grad_filter must be 'auto', None or a float in [0, 1), got {option!r}")
+    return option

@@ -6,8 +6,10 @@ Imports only torch: the families import Triton themselves.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import warnings
 
 import torch
 
@@ -63,22 +65,74 @@ def sm_count(device: torch.device) -> int:
     return C.DEFAULT_SM_COUNT
 
 
+#: torch has ``torch.mm(a, b, out_dtype=torch.float32)`` (16-bit operands, fp32 output on
+#: tensor cores) from version 2.8 on: the ``aten::mm.dtype`` overload.
+MM_OUT_DTYPE_MIN_TORCH = "2.8"
+_HAS_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
+_slow_path_warned = False
+
+
+class SlowPathWarning(UserWarning):
+    """A backward GEMM runs on a path much slower than the tensor cores (given once per process)."""
+
+
+def _warn_slow_path(reason: str) -> None:
+    global _slow_path_warned
+    if not _slow_path_warned:
+        _slow_path_warned = True
+        warnings.warn(
+            f"alignops: the backward's dh product runs as an IEEE fp32 matmul on upcast operands "
+            f"(about 10x slower than 16-bit tensor cores on an H100): {reason}. "
+            f"torch >= {MM_OUT_DTYPE_MIN_TORCH} with CUDA has torch.mm(..., out_dtype=torch.float32).",
+            SlowPathWarning,
+            stacklevel=3,
+        )
+
+
+def _tensor_core_device(t: torch.Tensor) -> bool:
+    """Whether ``t`` lives where 16-bit GEMMs with an fp32 output are expected (CUDA)."""
+    return t.is_cuda
+
+
 def mm_accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` with an fp32 accumulator ``acc`` and fp32 products.
 
-    16-bit operands: cuBLAS with an fp32 output where torch offers it (``out_dtype``),
-    else the operands are upcast (bounded: one workspace chunk and one weight chunk).
+    fp32 operands: one ``addmm_``. 16-bit operands on CUDA: cuBLAS with an fp32 output
+    (``torch.mm(..., out_dtype=torch.float32)``, torch >= ``MM_OUT_DTYPE_MIN_TORCH``). Where that
+    is missing or refuses the operands, the operands are upcast (bounded: one workspace chunk
+    and one weight chunk) and an IEEE fp32 ``addmm_`` runs, with a one-time
+    :class:`SlowPathWarning` on CUDA: never a silent slow path. On the CPU (interpreter tests)
+    the upcast is the ordinary path and says nothing.
     """
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
         return
-    if a.is_cuda:
-        try:
-            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
-            return
-        except (TypeError, RuntimeError):
-            pass
+    if _tensor_core_device(a):
+        if not _HAS_MM_OUT_DTYPE:
+            _warn_slow_path(f"torch {torch.__version__} has no torch.mm(..., out_dtype=...)")
+        else:
+            try:
+                acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+                return
+            except (TypeError, RuntimeError, NotImplementedError) as e:
+                _warn_slow_path(f"torch.mm(..., out_dtype=torch.float32) failed ({type(e).__name__}: {e})")
     acc.addmm_(a.float(), b.float())
+
+
+@contextlib.contextmanager
+def tf32_products(enabled: bool):
+    """Let fp32 matmuls inside the block use TF32 tensor cores (``enabled`` only; the previous
+    ``torch.get_float32_matmul_precision()`` is restored on exit). Used for the fp32 products
+    of fp16 operands (``linear_logprobs.workspace_dtype``): fp16 values are exact in TF32."""
+    if not enabled:
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def option_args(opts) -> dict:

@@ -16,6 +16,16 @@ from __future__ import annotations
 # registers per thread at 8 warps, leaving room for the softmax epilogue.
 LLP_BN = 64
 
+# Token block of the plain 16-bit forward (log-probs and lse only: no bias, soft-cap, extra
+# statistic or top-k; bf16) at large N. Per FLOP a [BN, BV] tile streams (1 / BN + 1 / BV) of
+# operand bytes from L2, so 128 x 128 moves a third less than 64 x 128 through the L2 -> SM path
+# that bounds the forward at the published shapes. It compiles at 255 registers with no spill
+# on sm_80 and sm_90a (one program per SM); the feature-rich and backward kernels spill at 128
+# rows and stay at 64. Below LLP_LARGE_N_MIN tokens (64 blocks of 128) the vocab splits needed
+# to fill 132 SMs would grow and two resident 64-row programs hide latency better.
+LLP_BN_LARGE = 128
+LLP_LARGE_N_MIN = 8192
+
 # Token block for fp32 inputs. Their default dot is IEEE fp32 on CUDA cores (no tensor cores),
 # whose [64, 128] tile needs 200-255 registers per thread and spilled on sm_90a in the build
 # report; 32 rows stay under 200 registers on sm_80 and sm_90a with no spill.
@@ -51,6 +61,11 @@ LLP_NUM_STAGES = 3
 # token count (few token blocks) still fills the GPU. Two resident programs per SM overlap one
 # program's epilogue with the other's loads.
 LLP_PROGRAMS_PER_SM = 2
+# ... where two fit: the kernel report gives the plain 16-bit forward at BN <= 64 about 124
+# registers x 256 threads (two programs per SM's 64k registers); the feature-rich builds
+# (182-222 registers) and the 128-row tile (255) fit one, so the split count aims at one program
+# per SM for them (more splits would only add combine work and fp32 partials).
+LLP_PROGRAMS_PER_SM_LARGE = 1
 
 
 # Upper bound on vocab splits. The combine kernel loops over splits, so this only bounds the
@@ -71,12 +86,29 @@ LLP_BN_TOPK = 32
 LLP_NUM_WARPS_TOPK_SMALL = 4
 LLP_COMBINE_BN_TOPK = 32
 
+# Grouped tile order of the backward's recompute kernel: GROUP_N token blocks x every vocab block
+# of the chunk, then the next group. At N = 16384, H = 2048 the hidden states (67 MB) exceed an
+# H100's 50 MB L2; walking token blocks fastest would stream all of them from HBM once per
+# vocab block (~130 GB at V = 248320). A group of 8 keeps 8 x 64 rows of h (2 MiB) hot while
+# the wave of ~264 programs reads ~33 W blocks (17 MiB), each shared by the 8 token blocks.
+LLP_GROUP_N = 8
+
 # Backward workspace floor, in elements. The backward writes the raw-logit gradient dr of one
 # vocabulary chunk ([N, vocab chunk]) in the matmul dtype, then hands it to two cuBLAS GEMMs.
 # The chunk holds at most max(N * H, this floor) elements:
 # never more than the hidden states themselves once they pass 64 Mi elements (128 MiB in bf16),
 # and large enough below that for GEMMs that fill an H100.
 LLP_WORKSPACE_FLOOR_ELEMS = 1 << 26
+
+# Block-sparse backward products (gradient filtering): each program owns a [BN, BH] tile of the
+# fp32 dh accumulator or a [BV, BH] tile of dW and loops over the live [BN, BV] workspace tiles.
+# 128 hidden columns keep the 16-bit accumulators at 32 / 64 fp32 registers per thread at 8 warps
+# (a [64, 128] / [128, 128] tile, as the review builds of the tile kernels did without spills);
+# fp32 operands (IEEE dots on CUDA cores, or fp16's fp32 workspace) take half the columns.
+LLP_SPARSE_BH = 128
+LLP_SPARSE_BH_FP32 = 64
+# The loop body is conditional on a loaded flag, so deep software pipelining buys little.
+LLP_SPARSE_NUM_STAGES = 2
 
 # --- every family -------------------------------------------------------------------------------
 

@@ -43,9 +43,11 @@ How the work is tiled (block sizes and their reasons in ``kernels/constants.py``
   dtype) and folds it into the online statistics. It writes O(N * splits) fp32 partials;
   ``_linear_logprobs_combine_kernel`` turns them into the outputs. A token block whose rows
   are all ignored skips its matmuls.
-* backward ``_linear_logprobs_bwd_kernel``: grid (token blocks, vocab blocks) of one chunk;
-  each program recomputes its logits tile, forms ``dr`` and stores it in the matmul dtype into
-  a bounded workspace of one vocabulary chunk ``[N, vc]`` (plus fp32 column sums for ``db``).
+* backward ``_linear_logprobs_bwd_kernel``: the (token block, vocab block) tiles of one chunk,
+  in grouped order (``GROUP_N`` token blocks x all vocab blocks, then the next group);
+  each program recomputes its logits tile, forms ``dr`` and stores it in the matmul dtype (fp32
+  for fp16 inputs: ``workspace_dtype``) into a bounded workspace of one vocabulary chunk
+  ``[N, vc]`` (plus fp32 column sums for ``db``).
   cuBLAS then contracts the chunk: ``dW[chunk] = dr.T @ h`` (each dW row written once, in the
   weight's dtype) and ``dh += dr @ W[chunk]`` (an fp32 ``[N, H]`` accumulator, O(N)). Nothing
   uses float atomics, so the backward is deterministic. The workspace holds
@@ -78,6 +80,9 @@ to fp32 and bf16 roundings are done by hand (``kernels/_jit.py``). It is never o
 
 from __future__ import annotations
 
+import functools
+import itertools
+import math
 from typing import NamedTuple
 
 import torch
@@ -105,6 +110,12 @@ from ._common import (
 )
 from .linear_logprobs_bwd import _linear_logprobs_bwd_kernel
 from .linear_logprobs_fwd import N_PLANES, _linear_logprobs_combine_kernel, _linear_logprobs_fwd_kernel
+from .linear_logprobs_sparse import (
+    _linear_logprobs_dh_kernel,
+    _linear_logprobs_dw_kernel,
+    count_tiles,
+    sparse_products,
+)
 
 __all__ = [
     "AOT_SPECS",
@@ -112,6 +123,7 @@ __all__ = [
     "FwdConfig",
     "bwd_config",
     "fwd_config",
+    "workspace_dtype",
     "linear_logprobs_bwd",
     "linear_logprobs_fwd",
 ]
@@ -154,18 +166,41 @@ def _bn_for(n: int, dtype: torch.dtype) -> int:
     return C.LLP_BN_FP32 if dtype == torch.float32 else C.LLP_BN
 
 
-def fwd_config(n: int, v: int, h: int, dtype: torch.dtype, topk: int = 0) -> FwdConfig:
+@functools.lru_cache(maxsize=256)
+def fwd_config(n: int, v: int, h: int, dtype: torch.dtype, topk: int = 0, plain: bool = False) -> FwdConfig:
     """Default forward config for matmul dtype ``dtype``: ``BN`` 16 for tiny batches, else 64
     (32 for fp32), ``BV`` 128, ``BD`` 64 for 16-bit / 32 for fp32 (same bytes per row). With a
     top-k the running list takes registers: ``BN`` at most ``LLP_BN_TOPK`` and 4 warps for a
-    16-row tile. ``v``, ``h`` are accepted so the heuristic can grow without changing callers."""
+    16-row tile. ``plain`` (bf16 operands of one dtype, no bias, soft-cap, extra statistic or
+    top-k) from ``LLP_LARGE_N_MIN`` tokens on: 128-row tiles (the cost model in
+    ``kernels/constants.py``). A pure function of its arguments, cached: a shape always gets the
+    same config (no timing-based autotuning, so runs are reproducible). ``v``, ``h`` are accepted
+    so the model can grow without changing callers."""
     del v, h
+    if plain and dtype == torch.bfloat16 and n >= C.LLP_LARGE_N_MIN and not topk:
+        return FwdConfig(C.LLP_BN_LARGE, C.LLP_BV, _bd_for(dtype), C.LLP_NUM_WARPS, C.LLP_NUM_STAGES)
     bn = _bn_for(n, dtype)
     warps = C.LLP_NUM_WARPS
     if topk:
         bn = min(bn, C.LLP_BN_TOPK)
         warps = C.LLP_NUM_WARPS_TOPK_SMALL if bn == C.LLP_BN_SMALL else warps
     return FwdConfig(bn, C.LLP_BV, _bd_for(dtype), warps, C.LLP_NUM_STAGES)
+
+
+def fwd_candidates() -> list[tuple[torch.dtype, FwdConfig]]:
+    """Every ``(matmul dtype, config)`` that :func:`fwd_config` can return (tests run each one;
+    ``alignops kernels`` builds each one)."""
+    out = []
+    for dtype, n, topk, plain in itertools.product(
+        (torch.bfloat16, torch.float16, torch.float32),
+        (C.LLP_SMALL_N_MAX, C.LLP_SMALL_N_MAX + 1, C.LLP_LARGE_N_MIN),
+        (0, 1),
+        (False, True),
+    ):
+        cand = (dtype, fwd_config(n, 0, 0, dtype, topk, plain))
+        if cand not in out:
+            out.append(cand)
+    return out
 
 
 def combine_bn(topk: int) -> int:
@@ -180,9 +215,29 @@ def bwd_config(n: int, v: int, h: int, dtype: torch.dtype) -> BwdConfig:
     return BwdConfig(_bn_for(n, dtype), C.LLP_BV, _bd_for(dtype), C.LLP_NUM_WARPS, C.LLP_NUM_STAGES, ws)
 
 
-def _num_splits(n_token_blocks: int, n_vocab_blocks: int, device: torch.device) -> int:
-    """Vocab splits so that token blocks x splits reaches ~LLP_PROGRAMS_PER_SM per SM."""
-    target = C.LLP_PROGRAMS_PER_SM * _launch.sm_count(device)
+def workspace_dtype(dot: torch.dtype) -> torch.dtype:
+    """Dtype of the backward's raw-logit gradient workspace for matmul dtype ``dot``.
+
+    fp16 gets an fp32 workspace. With a mean reduction the upstream gradient is ~1/N and ``dr``
+    is ~p/N: stored in fp16 (smallest normal 6.1e-5, subnormals to 6e-8) most of it flushed to
+    zero (98% of the values at N=8192, V=32000; dh relative error 6e-3 against 1.5e-4 for bf16).
+    The two GEMMs then run on fp32 operands: fp16 hidden / weight widen exactly, and on CUDA they
+    use TF32 tensor cores for that call (``_launch.tf32_products``), whose 10-bit mantissa is
+    fp16's, so ``dr`` keeps fp16's precision with fp32's exponent range. bf16 has fp32's
+    exponent range and keeps a bf16 workspace; fp32 keeps fp32."""
+    return torch.float32 if dot == torch.float16 else dot
+
+
+def programs_per_sm(cfg: FwdConfig, plain: bool) -> int:
+    """Forward programs resident per SM (the occupancy the split count aims at): two for the
+    plain forward at BN <= 64, one for the feature-rich builds and the 128-row tile (their
+    register counts in the kernel report; ``kernels/constants.py``)."""
+    return C.LLP_PROGRAMS_PER_SM if plain and cfg.BN <= C.LLP_BN else C.LLP_PROGRAMS_PER_SM_LARGE
+
+
+def _num_splits(n_token_blocks: int, n_vocab_blocks: int, device: torch.device, per_sm: int = 2) -> int:
+    """Vocab splits so that token blocks x splits reaches ~``per_sm`` programs per SM."""
+    target = per_sm * _launch.sm_count(device)
     splits = triton.cdiv(target, n_token_blocks)
     return max(1, min(splits, n_vocab_blocks, C.LLP_MAX_SPLITS))
 
@@ -232,11 +287,12 @@ def linear_logprobs_fwd(
     stats = _launch.stat_outputs(n, want, dev)
     if n == 0:
         return stats
-    cfg = config or fwd_config(n, v, h, dot, want.topk)
+    plain = want == NOTHING_EXTRA and bias is None and opts.softcap is None and hidden.dtype == weight.dtype
+    cfg = config or fwd_config(n, v, h, dot, want.topk, plain)
     targets = targets.contiguous()
     n_tb = triton.cdiv(n, cfg.BN)
     n_vb = triton.cdiv(v, cfg.BV)
-    splits = cfg.num_splits or _num_splits(n_tb, n_vb, dev)
+    splits = cfg.num_splits or _num_splits(n_tb, n_vb, dev, programs_per_sm(cfg, plain))
     blocks_per_split = triton.cdiv(n_vb, max(1, min(splits, n_vb)))
     splits = triton.cdiv(n_vb, blocks_per_split)  # no empty split
     part = empty((N_PLANES, splits, n), dtype=torch.float32, device=dev)
@@ -306,10 +362,18 @@ def linear_logprobs_bwd(
     need_dweight: bool,
     need_dbias: bool,
     config: BwdConfig | None = None,
+    grad_filter: float = 0.0,
+    tile_stats: dict | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dhidden [N, H] | None, dweight [V, H] | None, dbias [V] | None)`` in the dtypes of
     hidden, weight and bias, of ``sum_k grads.k . stat_k``; ``saved`` holds the forward's ``lse``
     (and ``entropy`` / ``log_sum_p2`` where those get a gradient).
+
+    ``grad_filter`` > 0: gradient filtering (``alignops.linear_logprobs``'s ``grad_filter``): a
+    ``[BN, BV]`` tile whose probabilities are all below it and that holds no target of its rows
+    adds nothing to dh, dW and db, and the block-sparse products skip it. ``tile_stats``: a
+    dict that receives ``"live"`` and ``"tiles"`` (0-d int64 tensors on the device, no sync),
+    added to what it holds.
     """
     n, v, h, dot = _check(hidden, weight, targets, bias)
     if need_dbias and bias is None:
@@ -342,6 +406,7 @@ def linear_logprobs_bwd(
         BN=cfg.BN,
         BV=cfg.BV,
         BD=cfg.BD,
+        GROUP_N=C.LLP_GROUP_N,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -354,41 +419,57 @@ def linear_logprobs_bwd(
     vc = min(v, max(cfg.BV, ws_elems // n // cfg.BV * cfg.BV))
     if vc >= v and v > cfg.BV:
         vc = triton.cdiv(triton.cdiv(v, 2), cfg.BV) * cfg.BV
-    ws = empty((n, vc), dtype=dot, device=dev)
+    ws_dtype = workspace_dtype(dot)
+    ws = empty((n, vc), dtype=ws_dtype, device=dev)
     dbp = empty((n_tb, vc), dtype=torch.float32, device=dev) if need_dbias else None
-    # GEMM operands in the matmul dtype: a wider hidden is rounded once (O(N H)), a wider
-    # weight chunk by chunk (bounded by the workspace)
-    h_dot = hidden if hidden.dtype == dot else hidden.to(dot)
+    # GEMM operands in the workspace dtype: a hidden of another dtype is converted once (O(N H)),
+    # a weight chunk by chunk (bounded by the workspace). fp16 operands widen to fp32 exactly.
+    h_dot = hidden if hidden.dtype == ws_dtype else hidden.to(dot).to(ws_dtype)
     dh_acc = None
     if need_dhidden:
         dh_acc = dh if dh.dtype == torch.float32 else torch.zeros((n, h), dtype=torch.float32, device=dev)
         if dh_acc is dh:
             dh.zero_()
+    live = None
+    if grad_filter > 0.0:
+        live = empty((n_tb, triton.cdiv(vc, cfg.BV)), dtype=torch.int8, device=dev)
     for v0 in range(0, v, vc):
         cnt = min(vc, v - v0)
+        n_vb = triton.cdiv(cnt, cfg.BV)
         _launch.launch(
             _linear_logprobs_bwd_kernel,
-            (n_tb, triton.cdiv(cnt, cfg.BV)),
+            (n_tb * n_vb,),
             p_dr=ws,
             p_db=dbp,
+            p_live=live,
             n_count=n,
             v_lo=v0,
             v_count=cnt,
             stride_dr=vc,
             stride_db=vc,
+            stride_live=live.stride(0) if live is not None else 0,
+            log_eps=math.log(grad_filter) if grad_filter > 0.0 else 0.0,
             **common,
         )
-        dr = ws[:, :cnt]
-        if need_dweight:
-            if dw.dtype == dot:
-                torch.mm(dr.T, h_dot, out=dw[v0 : v0 + cnt])  # [cnt, N] @ [N, H]
-            else:  # fp32 master weight: its gradient is the matmul-dtype product, widened
-                dw[v0 : v0 + cnt].copy_(dr.T @ h_dot)
         if need_dbias:
             db[v0 : v0 + cnt] = dbp[:, :cnt].sum(dim=0)
-        if dh_acc is not None:
-            w_chunk = weight[v0 : v0 + cnt]
-            _launch.mm_accumulate_fp32(dh_acc, dr, w_chunk if w_chunk.dtype == dot else w_chunk.to(dot))
+        if live is not None:
+            sparse_products(hidden, weight, ws, live, dh_acc, dw if need_dweight else None, v0, cnt, cfg, dot)
+            if tile_stats is not None:
+                count_tiles(tile_stats, live[:, :n_vb])
+            continue
+        dr = ws[:, :cnt]
+        with _launch.tf32_products(ws_dtype != dot and dr.is_cuda):
+            if need_dweight:
+                if dw.dtype == ws_dtype:
+                    torch.mm(dr.T, h_dot, out=dw[v0 : v0 + cnt])  # [cnt, N] @ [N, H]
+                else:  # the product in the workspace dtype, then rounded / widened once
+                    dw[v0 : v0 + cnt].copy_(dr.T @ h_dot)
+            if dh_acc is not None:
+                w_chunk = weight[v0 : v0 + cnt]
+                if w_chunk.dtype != ws_dtype:
+                    w_chunk = w_chunk.to(dot).to(ws_dtype)
+                _launch.mm_accumulate_fp32(dh_acc, dr, w_chunk)
     if dh_acc is not None and dh_acc is not dh:
         dh.copy_(dh_acc)
     return dh, dw, db
@@ -411,18 +492,31 @@ def _aot_specs() -> list[AotSpec]:
             for feat, full, topk in FEATURES:
                 mixed = full and dtype != torch.float32
                 ptrs = {**INDEX_POINTERS, "p_h": ty, "p_w": "fp32" if mixed else ty, "p_b": ty, "p_dr": ty}
+                ptrs["p_live"] = "i8"
                 common = {"HAS_BIAS": full, "HAS_SOFTCAP": full, "CAST_H": False, "CAST_W": mixed}
                 common |= {"INTERP_BF16": False, "INPUT_PRECISION": "ieee"}
                 common |= {} if full else {"p_b": None, "softcap": None}
                 fwd = {k: x for k, x in stat_constexprs(full, topk).items() if k not in OPTIONAL_OUTPUTS}
                 fwd |= {} if topk else {"p_topv": None, "p_topi": None}
                 builds = [(_linear_logprobs_fwd_kernel, fwd_config(n, 0, 0, dtype, topk), fwd)]
+                if feat == "plain" and dtype == torch.bfloat16 and n > C.LLP_SMALL_N_MAX:
+                    large = fwd_config(C.LLP_LARGE_N_MIN, 0, 0, dtype, 0, plain=True)
+                    builds.append((_linear_logprobs_fwd_kernel, large, fwd))
                 if not topk:  # the backward does not depend on the top-k
-                    bwd = grad_constexprs(full) | {"HAS_DB": full} | ({} if full else {"p_db": None})
-                    builds.append((_linear_logprobs_bwd_kernel, bwd_config(n, 0, 0, dtype), bwd))
+                    bwd = grad_constexprs(full) | {"HAS_DB": full, "GROUP_N": C.LLP_GROUP_N}
+                    bwd |= {} if full else {"p_db": None}
+                    cfg = bwd_config(n, 0, 0, dtype)
+                    builds.append(
+                        (_linear_logprobs_bwd_kernel, cfg, bwd | {"HAS_FILTER": False, "p_live": None})
+                    )
+                    if dtype != torch.float32:  # gradient filtering: on by default for 16-bit
+                        builds.append((_linear_logprobs_bwd_kernel, cfg, bwd | {"HAS_FILTER": True}))
                 for kernel, cfg, extra in builds:
                     cx = {**common, **extra, "BN": cfg.BN, "BV": cfg.BV, "BD": cfg.BD}
-                    label = f"{ty} {feat}{' mixed' if mixed else ''} BN={cfg.BN} BV={cfg.BV} BD={cfg.BD}"
+                    label = f"{ty} {feat}{' mixed' if mixed else ''}"
+                    label += (
+                        f"{' filter' if extra.get('HAS_FILTER') else ''} BN={cfg.BN} BV={cfg.BV} BD={cfg.BD}"
+                    )
                     label += f" w{cfg.num_warps} s{cfg.num_stages}"
                     specs.append(
                         aot_spec(
@@ -434,6 +528,7 @@ def _aot_specs() -> list[AotSpec]:
                             label=label,
                         )
                     )
+    specs += _sparse_aot_specs()
     for feat, full, topk in FEATURES:
         cx = {k: x for k, x in stat_constexprs(full, topk).items() if not k.startswith("NEED_")}
         cx |= {"BN": combine_bn(topk), "HAS_ENT": full, "HAS_ZMEAN": full, "HAS_S2": full}
@@ -444,6 +539,55 @@ def _aot_specs() -> list[AotSpec]:
         specs.append(
             aot_spec(kernel, cx, pointer_types=INDEX_POINTERS, warps=warps, stages=stages, label=label)
         )
+    return specs
+
+
+def _sparse_aot_specs() -> list[AotSpec]:
+    """The block-sparse products of gradient filtering at the backward's tiles (BN 16 / 64, 32 for
+    fp32, BV 128): a bf16
+    workspace with a bf16 and an fp32 master operand, the fp32 workspace of fp16 inputs (TF32
+    dots) and fp32 inputs (IEEE dots)."""
+    specs = []
+    cases = (  # label, workspace, other operand, dW, WIDE_DR, input precision
+        ("bf16", "bf16", "bf16", "bf16", False, "ieee"),
+        ("bf16 mixed", "bf16", "fp32", "fp32", False, "ieee"),
+        ("fp16 fp32-workspace", "fp32", "fp16", "fp16", True, "tf32"),
+        ("fp32", "fp32", "fp32", "fp32", False, "ieee"),
+    )
+    for (label, ws, other, dw, wide, prec), n in itertools.product(
+        cases, (C.LLP_SMALL_N_MAX, C.LLP_SMALL_N_MAX + 1)
+    ):
+        bh = C.LLP_SPARSE_BH_FP32 if ws == "fp32" else C.LLP_SPARSE_BH
+        bn = _bn_for(n, torch.float32 if label == "fp32" else torch.bfloat16)
+        cx = {
+            "WIDE_DR": wide,
+            "INTERP_BF16": False,
+            "INPUT_PRECISION": prec,
+            "BN": bn,
+            "BV": C.LLP_BV,
+            "BH": bh,
+        }
+        kernels = (
+            (_linear_logprobs_dh_kernel, {"p_w": other}, {"CAST_W": other != ws}),
+            (
+                _linear_logprobs_dw_kernel,
+                {"p_h": other, "p_dw": dw},
+                {"CAST_H": other != ws, "OUT_BF16_INTERP": False},
+            ),
+        )
+        for kernel, ptrs, extra in kernels:
+            ptrs = {"p_dr": ws, "p_live": "i8", "p_acc": "fp32", **ptrs}
+            name = f"{label} BN={bn} BV={C.LLP_BV} BH={bh} w{C.LLP_NUM_WARPS} s{C.LLP_SPARSE_NUM_STAGES}"
+            specs.append(
+                aot_spec(
+                    kernel,
+                    cx | extra,
+                    pointer_types=ptrs,
+                    warps=C.LLP_NUM_WARPS,
+                    stages=C.LLP_SPARSE_NUM_STAGES,
+                    label=name,
+                )
+            )
     return specs
 
 

@@ -17,6 +17,8 @@ the narrower dtype first, as the Triton kernels do. Deterministic: no atomics, a
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..kernels._common import (
@@ -75,7 +77,53 @@ class _Operands:
         return out
 
 
+#: Run the engine on the valid rows only: ignored rows (the prompt half of a DPO batch) get
+#: their zero outputs / gradients without a matmul. Only on the CPU, where the boolean index
+#: costs no device sync (on a GPU the Triton kernels skip all-ignored token blocks instead).
+COMPACT_IGNORED = True
+
+
+def _valid_index(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """Indices of the valid rows, or None when there is nothing to compact (or not on the CPU)."""
+    if not COMPACT_IGNORED or targets.device.type != "cpu":
+        return None
+    valid = targets != ignore_index
+    return None if bool(valid.all()) else valid.nonzero().squeeze(1)
+
+
+def _rows(x: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    return None if x is None else x.index_select(0, idx)
+
+
+def _scatter(x: torch.Tensor | None, idx: torch.Tensor, n: int, fill) -> torch.Tensor | None:
+    if x is None:
+        return None
+    out = torch.full((n, *x.shape[1:]), fill, dtype=x.dtype, device=x.device)
+    return out.index_copy_(0, idx, x)
+
+
 def linear_logprobs_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    opts: LogitOptions,
+    want: StatRequest = NOTHING_EXTRA,
+) -> TokenStats:
+    """The :class:`TokenStats` that ``want`` asks for, in the compute dtype (float32, or float64
+    for float64 inputs), zero at ignored rows (top-k ids -1); ignored rows cost no matmul."""
+    idx = _valid_index(targets, opts.ignore_index)
+    if idx is None:
+        return _fwd_rows(hidden, weight, targets, bias, opts, want)
+    check_linear_inputs(hidden, weight, targets, bias)
+    st = _fwd_rows(hidden.index_select(0, idx), weight, targets[idx], bias, opts, want)
+    n = hidden.shape[0]
+    return TokenStats(
+        *(_scatter(x, idx, n, -1 if k == "topk_ids" else 0) for k, x in zip(TokenStats._fields, st))
+    )
+
+
+def _fwd_rows(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
@@ -122,10 +170,49 @@ def linear_logprobs_bwd(
     need_dhidden: bool,
     need_dweight: bool,
     need_dbias: bool,
+    grad_filter: float = 0.0,
+    tile_stats: dict | None = None,
+):
+    """Gradients ``(dh, dW, db)``: see :func:`_bwd_rows`; ignored rows cost no matmul (their dh
+    rows are exact zeros)."""
+    kw = dict(need_dhidden=need_dhidden, need_dweight=need_dweight, need_dbias=need_dbias)
+    kw |= dict(grad_filter=grad_filter, tile_stats=tile_stats)
+    idx = _valid_index(targets, opts.ignore_index)
+    if idx is None:
+        return _bwd_rows(hidden, weight, targets, bias, saved, grads, opts, **kw)
+    check_linear_inputs(hidden, weight, targets, bias)
+    check_saved(saved, grads)
+    sub = (TokenStats(*(_rows(x, idx) for x in t)) for t in (saved, grads))
+    dh, dw, db = _bwd_rows(hidden.index_select(0, idx), weight, targets[idx], bias, *sub, opts, **kw)
+    return _scatter(dh, idx, hidden.shape[0], 0), dw, db
+
+
+def _bwd_rows(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    saved: TokenStats,
+    grads: TokenStats,
+    opts: LogitOptions,
+    *,
+    need_dhidden: bool,
+    need_dweight: bool,
+    need_dbias: bool,
+    grad_filter: float = 0.0,
+    tile_stats: dict | None = None,
 ):
     """Gradients ``(dh, dW, db)`` (each ``None`` unless requested), in the input dtypes, of
     ``sum_k grads.k . stat_k``; ``saved`` holds the forward's statistics that the gradients need
-    (``lse`` always, ``entropy`` / ``log_sum_p2`` with their gradients)."""
+    (``lse`` always, ``entropy`` / ``log_sum_p2`` with their gradients).
+
+    ``grad_filter`` > 0: gradient filtering. Here a tile is one vocabulary column of a token
+    chunk (all ``N`` rows in the common case): a column whose probabilities are all below the
+    threshold in every valid row of the chunk, and that is no row's target, adds nothing to dh,
+    dW or db, and the products run on the live columns only (gathered with ``index_select``; on
+    a GPU that gather waits for the device, the Triton path does not). Not with a ``zmean``
+    gradient (label smoothing: every entry gets ``g / V``). ``tile_stats`` receives ``"live"`` and
+    ``"tiles"`` (0-d int64 tensors), added to what it holds."""
     dot = check_linear_inputs(hidden, weight, targets, bias)
     check_saved(saved, grads)
     n, hdim = hidden.shape
@@ -146,6 +233,7 @@ def linear_logprobs_bwd(
         dW.zero_()  # no token: the loops below write nothing
     db = torch.zeros(v, dtype=cdt, device=dev) if need_dbias else None
     one_chunk = C >= n
+    filter_log_eps = math.log(grad_filter) if grad_filter > 0.0 and grads.zmean is None else None
     dw_acc = torch.empty(VB, hdim, dtype=cdt, device=dev) if need_dweight and not one_chunk else None
     bufs = [torch.empty(C * VB, dtype=cdt, device=dev) for _ in range(3 if opts.softcap is not None else 2)]
     for v0 in range(0, v, VB):
@@ -159,7 +247,14 @@ def linear_logprobs_bwd(
             tile = [b[: (c1 - c0) * nv].view(c1 - c0, nv) for b in bufs]
             raw = ops.raw(c0, c1, v0, v1, wb, tile[0])
             z, th = transform_(raw, opts, out=tile[2] if len(tile) == 3 else None)
+            live = None
+            if filter_log_eps is not None:
+                live = _live_columns(z, co, targets[c0:c1], valid[c0:c1], c0, c1, v0, v1, filter_log_eps)
+                _count(tile_stats, live)
             dz = logit_grad_(z, th, tile[1], co, safe_t, c0, c1, v0, v1)
+            if live is not None and not bool(live.all()):
+                _sparse_update(dz, live, wb, ops.h[c0:c1], dh, dW, dw_acc, db, c0, c1, v0, v1, one_chunk)
+                continue
             if dh is not None:
                 dh[c0:c1].addmm_(dz, wb)  # [rows, nv] @ [nv, H]
             if dW is not None:
@@ -178,3 +273,37 @@ def linear_logprobs_bwd(
     if db is not None and db.dtype != bias.dtype:
         db = db.to(bias.dtype)
     return dh, dW, db
+
+
+def _live_columns(z, co, targets, valid, c0: int, c1: int, v0: int, v1: int, log_eps: float) -> torch.Tensor:
+    """``[v1 - v0]`` bool: columns where some valid row has ``log p = z - lse >= log_eps``, or
+    that are some valid row's target (ignored rows have ``lse = +inf``: never live)."""
+    live = (z - co.lse[c0:c1].unsqueeze(1)).amax(0) >= log_eps
+    hit = valid & (targets >= v0) & (targets < v1)
+    live[(targets - v0).clamp(0, v1 - v0 - 1)[hit]] = True
+    return live
+
+
+def _count(tile_stats: dict | None, live: torch.Tensor) -> None:
+    if tile_stats is None:
+        return
+    n_live, n_all = live.sum(dtype=torch.int64), torch.tensor(live.numel(), dtype=torch.int64)
+    tile_stats["live"] = tile_stats.get("live", 0) + n_live
+    tile_stats["tiles"] = tile_stats.get("tiles", 0) + n_all
+
+
+def _sparse_update(dz, live, wb, h, dh, dW, dw_acc, db, c0, c1, v0, v1, one_chunk: bool) -> None:
+    """The products of one tile on its live columns only (a fixed order: deterministic)."""
+    idx = live.nonzero().squeeze(1)
+    dzl = dz.index_select(1, idx)  # [rows, live]
+    if dh is not None:
+        dh[c0:c1].addmm_(dzl, wb.index_select(0, idx))  # [rows, live] @ [live, H]
+    if dW is not None:
+        part = dzl.T @ h  # [live, H]
+        if one_chunk:
+            dW[v0:v1].zero_()
+            dW[v0:v1].index_copy_(0, idx, part.to(dW.dtype))
+        else:
+            dw_acc[: v1 - v0].index_add_(0, idx, part)
+    if db is not None:
+        db[v0:v1].index_add_(0, idx, dzl.sum(0))
