@@ -44,6 +44,8 @@ class LogProbsOutput(NamedTuple):
     topk_ids / topk_logps: ``[..., K]`` the ``K`` most likely ids (int64, most likely first; -1
         at ignored positions) and their log-probs (no gradient), or ``None`` unless requested.
         ``topk_ids[..., 0] == targets`` is "the target is the top-1 token".
+    mean_logit: ``(1 / V) sum_v z_v``, the mean of the transformed logits (differentiable), or
+        ``None`` unless requested.
     """
 
     logps: torch.Tensor
@@ -52,12 +54,12 @@ class LogProbsOutput(NamedTuple):
     log_sum_p2: torch.Tensor | None = None
     topk_ids: torch.Tensor | None = None
     topk_logps: torch.Tensor | None = None
+    mean_logit: torch.Tensor | None = None
 
     @classmethod
     def of(cls, st: TokenStats, return_lse: bool) -> LogProbsOutput:
-        return cls(
-            st.logp, st.entropy, st.lse if return_lse else None, st.log_sum_p2, st.topk_ids, st.topk_logps
-        )
+        lse = st.lse if return_lse else None
+        return cls(st.logp, st.entropy, lse, st.log_sum_p2, st.topk_ids, st.topk_logps, st.zmean)
 
 
 def linear_token_stats(
@@ -84,6 +86,7 @@ def linear_logprobs(
     return_lse: bool = False,
     return_log_sum_p2: bool = False,
     topk: int = 0,
+    return_mean_logit: bool = False,
 ) -> LogProbsOutput:
     """Per-token log-probabilities of ``targets`` under ``z = softcap(logit_scale * (hidden @
     weight.T + bias)) / temperature``, without the ``[N, V]`` logits.
@@ -104,15 +107,19 @@ def linear_logprobs(
         return_entropy / return_lse / return_log_sum_p2: also return those per-token values.
         topk: also return the ``topk`` most likely ids and their log-probs per token (``0 <= topk
             <= 64``), computed in the same pass.
+        return_mean_logit: also return the mean transformed logit ``(1 / V) sum_v z_v`` (TRL's
+            ``mean_logits``), computed in the same pass.
 
     Returns:
         :class:`LogProbsOutput`, float32 (float64 for float64 inputs) with ``targets.shape``
         (``[..., K]`` for the top-k); exactly 0 at ignored positions. Differentiable with respect
         to ``hidden``, ``weight`` and ``bias`` for any combination of upstream gradients of
-        ``logps``, ``entropy``, ``lse`` and ``log_sum_p2``.
+        ``logps``, ``entropy``, ``lse``, ``log_sum_p2`` and ``mean_logit``.
     """
     opts = LogitOptions(ignore_index, logit_scale, softcap, temperature)
-    want = StatRequest(entropy=return_entropy, log_sum_p2=return_log_sum_p2, topk=topk)
+    want = StatRequest(
+        entropy=return_entropy, zmean=return_mean_logit, log_sum_p2=return_log_sum_p2, topk=topk
+    )
     return LogProbsOutput.of(linear_token_stats(hidden, weight, targets, bias, opts, want), return_lse)
 
 

@@ -46,6 +46,7 @@ def logprobs(
     return_log_sum_p2: bool = False,
     topk: int = 0,
     inplace_backward: bool = False,
+    return_mean_logit: bool = False,
 ) -> LogProbsOutput:
     """Per-token log-probabilities of ``targets`` under ``softcap(logit_scale * logits) /
     temperature`` (TRL's ``selective_log_softmax`` and ``entropy_from_logits`` in one pass).
@@ -56,7 +57,7 @@ def logprobs(
         targets: ``[...]`` (``= logits.shape[:-1]``) int64 / int32 in ``[0, V)`` or
             ``ignore_index``; out-of-range ids raise (CPU) or assert on the device (CUDA).
         temperature, softcap, logit_scale: as in :func:`alignops.linear_logprobs`.
-        return_entropy / return_lse / return_log_sum_p2 / topk: as in
+        return_entropy / return_lse / return_log_sum_p2 / topk / return_mean_logit: as in
             :func:`alignops.linear_logprobs`.
         inplace_backward: the backward writes the gradient into the logits' storage; only when
             nothing reads the logits afterwards (an autograd node that saved them raises
@@ -67,7 +68,9 @@ def logprobs(
         ``targets.shape``; exactly 0 at ignored positions.
     """
     opts = LogitOptions(ignore_index, logit_scale, softcap, temperature)
-    want = StatRequest(entropy=return_entropy, log_sum_p2=return_log_sum_p2, topk=topk)
+    want = StatRequest(
+        entropy=return_entropy, zmean=return_mean_logit, log_sum_p2=return_log_sum_p2, topk=topk
+    )
     return LogProbsOutput.of(
         token_stats(logits, targets, opts, want, inplace_backward=inplace_backward), return_lse
     )
