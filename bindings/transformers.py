@@ -59,6 +59,33 @@ class PatchHandle:
         return False
 
 
+def logit_transform(config) -> tuple[float, float | None]:
+    """``(logit_scale, softcap)`` of a causal LM's output logits, read from its (text) config.
+
+    The conventions transformers models use for a multiplier on the LM-head output: ``logit_scale``
+    (Cohere), ``output_multiplier``, ``lm_head_multiplier`` (Falcon-H1), ``logits_scaling``
+    (Granite and MiniCPM3 divide by it, HyperCLOVA X multiplies), the first that is set wins; 1.0
+    when none is. ``final_logit_softcapping`` (Gemma-2 / Gemma-3) is the soft-cap applied after it.
+    Raises ``ValueError`` for a scale alignops cannot represent (not a finite number > 0).
+    """
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = None
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        scale = getattr(cfg, name, None)
+        if scale is not None:
+            break
+    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
+        div = cfg.logits_scaling
+        scale = div if getattr(cfg, "model_type", None) == "hyperclovax" else 1.0 / div
+    scale = 1.0 if scale is None else float(scale)
+    if not (scale > 0 and scale != float("inf")):
+        raise ValueError(
+            f"alignops: the config's logit multiplier is {scale!r}; the fused head needs a finite scale > 0"
+        )
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    return scale, (None if softcap is None else float(softcap))
+
+
 def _head(model):
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
@@ -117,8 +144,7 @@ def patch_causal_lm(model, *, ignore_index: int = -100) -> PatchHandle:
     head = _head(model)
     decoder = _decoder(model)
     cfg = getattr(model, "config", None)
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    logit_scale = getattr(cfg, "logit_scale", None)
+    logit_scale, softcap = logit_transform(cfg) if cfg is not None else (1.0, None)
     original = model.__dict__.get("forward")
     bound = model.forward
     sig = _signature(bound)
@@ -157,8 +183,6 @@ def patch_causal_lm(model, *, ignore_index: int = -100) -> PatchHandle:
         if shift_labels is None:
             # HF ForCausalLMLoss: the label of position t is labels[t + 1]; the last is ignored
             shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-        if logit_scale is not None:
-            hidden = hidden * logit_scale
         loss = alignops.linear_cross_entropy(
             hidden,
             head.weight,
@@ -166,6 +190,7 @@ def patch_causal_lm(model, *, ignore_index: int = -100) -> PatchHandle:
             bias=getattr(head, "bias", None),
             ignore_index=ignore_index,
             softcap=softcap,
+            logit_scale=logit_scale,
             reduction="sum" if num_items is not None else "mean",
             num_items=num_items,
         )
