@@ -41,6 +41,8 @@ import torch
 
 import alignops
 
+from ._common import compute_dtype, full_head, is_dtensor, to_compute
+
 #: The per-token fields of TRL's ``FusedCausalLMOutput`` the head computes, in its return order.
 OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
@@ -60,29 +62,6 @@ class HeadCalls:
 
 
 _counters: list[HeadCalls] = []
-
-
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(t, DTensor)
-
-
-def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
-    dev = hidden.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return hidden.dtype
-
-
-def _to_compute(t: torch.Tensor | None, dt: torch.dtype) -> torch.Tensor | None:
-    """An fp32 master weight stays as it is (alignops rounds it to a 16-bit ``dt`` tile by tile);
-    a narrower or other 16-bit weight is cast to the compute dtype (TRL's ``cast_lm_head_to_fp32``)."""
-    if t is None or t.dtype == dt or (t.dtype == torch.float32 and dt in (torch.float16, torch.bfloat16)):
-        return t
-    return t.to(dt)
 
 
 def fused_head(
@@ -114,11 +93,9 @@ def fused_head(
     unknown = [o for o in outputs if o not in OUTPUTS]
     if unknown:
         raise ValueError(f"alignops.bindings.trl: unknown output(s) {unknown}; supported: {OUTPUTS}")
-    if _is_dtensor(hidden):
+    if is_dtensor(hidden):
         raise TypeError("alignops.bindings.trl: hidden states are a DTensor; pass the local tensor")
-    if _is_dtensor(weight):
-        weight = weight.full_tensor()
-        bias = None if bias is None else bias.full_tensor()
+    weight, bias = full_head(weight, bias)
     scale = float(logit_scale)
     if not (scale > 0 and math.isfinite(scale)):
         raise ValueError(
@@ -127,12 +104,12 @@ def fused_head(
         )
     for c in _counters:
         c.alignops += 1
-    dt = _compute_dtype(hidden)
+    dt = compute_dtype(hidden)
     out = alignops.linear_logprobs(
         hidden.to(dt),
-        _to_compute(weight, dt),
+        to_compute(weight, dt),
         targets,
-        bias=_to_compute(bias, dt),
+        bias=to_compute(bias, dt),
         temperature=temperature,
         softcap=final_logit_softcapping,
         logit_scale=scale,
