@@ -1,12 +1,12 @@
 """TRL trainers with and without alignops' fused head: per-step losses, head calls, peak memory.
 
 ``python -m alignops.bench.trl_trainers`` runs TRL's DPOTrainer, GRPOTrainer and SFTTrainer (add
-``--trainers dpo,kto,grpo,sft``) on a tiny random Llama on the CPU, each twice (TRL's own head,
-then alignops' head through :func:`alignops.bindings.trl.enable`), each run in a fresh process,
-and prints the per-step losses side by side, how many times each head ran, and the peak extra
-RSS of the training run. Then the heads alone at a realistic vocabulary (``--vocab``, default
-32000): TRL's ``ChunkedLogProbFunction`` against alignops' head on the same inputs, forward and
-backward, peak extra RSS of each in a fresh process.
+``--trainers dpo,kto,grpo,sft``) on a tiny random Llama (2 layers, H = 32, vocabulary ``--vocab``,
+default 32000) on the CPU, each twice (TRL's own head, then alignops' head through
+:func:`alignops.bindings.trl.enable`), each run in a fresh process, and prints the per-step
+losses side by side, how many times each head ran, and the peak extra RSS of ``trainer.train()``.
+Then the heads alone at the same vocabulary: TRL's ``ChunkedLogProbFunction`` against alignops'
+head on the same inputs, forward and backward, peak extra RSS of each in a fresh process.
 
 The tiny setup (model, tokenizer, datasets, trainer) is :func:`run_trainer`, also used by the
 tests. No download: the model is built from a config and the tokenizer from a word list.
@@ -92,9 +92,9 @@ def tiny_dataset(kind: str, rows: int = 16, seed: int = 0):
     return Dataset.from_list(data)
 
 
-def _reward_len(completions, **kwargs):
-    """A deterministic reward: more distinct words is better."""
-    return [float(len(set(c.split()))) for c in completions]
+def _reward_ids(completions, completion_ids, **kwargs):
+    """A deterministic reward of the generated ids (any vocabulary size): the share of even ids."""
+    return [sum(1 for t in ids if t % 2 == 0) / max(len(ids), 1) for ids in completion_ids]
 
 
 def build_trainer(kind: str, out_dir: str, *, steps: int = 3, vocab_size: int | None = None, **config):
@@ -135,27 +135,39 @@ def build_trainer(kind: str, out_dir: str, *, steps: int = 3, vocab_size: int | 
         common.setdefault("num_generations", 4)
         args = trl.GRPOConfig(max_completion_length=8, beta=0.04, **common)
         return trl.GRPOTrainer(
-            model=model, reward_funcs=_reward_len, args=args, train_dataset=ds, processing_class=tok
+            model=model, reward_funcs=_reward_ids, args=args, train_dataset=ds, processing_class=tok
         )
     raise ValueError(f"unknown trainer {kind!r}; known: {TRAINERS}")
 
 
-def run_trainer(kind: str, use_alignops: bool, *, steps: int = 3, **config) -> dict:
-    """Train ``steps`` steps; ``{"losses": [...], "trl_calls", "alignops_calls"}``."""
+def run_trainer(kind: str, use_alignops: bool, *, steps: int = 3, measure=None, **config) -> dict:
+    """Train ``steps`` steps; ``{"losses", "grad_norms", "trl_calls", "alignops_calls"}``, plus
+    ``"measured"``: what ``measure(trainer.train)`` returns when ``measure`` is given (it must
+    call its argument once)."""
     from alignops.bindings import trl as binding
 
+    measured = None
     with tempfile.TemporaryDirectory() as tmp:
         if use_alignops:
             binding.enable()
         try:
             with binding.count_head_calls() as calls:
                 trainer = build_trainer(kind, tmp, steps=steps, **config)
-                trainer.train()
+                if measure is None:
+                    trainer.train()
+                else:
+                    measured = measure(trainer.train)
         finally:
             if use_alignops:
                 binding.disable()
-        losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    return {"losses": losses, "trl_calls": calls.trl, "alignops_calls": calls.alignops}
+        rows = [row for row in trainer.state.log_history if "loss" in row]
+    return {
+        "losses": [row["loss"] for row in rows],
+        "grad_norms": [row.get("grad_norm") for row in rows],
+        "trl_calls": calls.trl,
+        "alignops_calls": calls.alignops,
+        "measured": measured,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,16 +176,22 @@ def run_trainer(kind: str, use_alignops: bool, *, steps: int = 3, **config) -> d
 
 
 def _peak_extra_kib(fn) -> tuple[object, int]:
+    """``(fn(), peak extra RSS in KiB while it ran)``, glibc tuned so RSS follows live bytes."""
+    import gc
+
     from ._memory import _peak_during, _tune_malloc
 
-    _tune_malloc()()
+    trim = _tune_malloc()
+    gc.collect()
+    trim()
     box = []
     peak, base, _ = _peak_during(lambda: box.append(fn()))
     return box[0], peak - base
 
 
-def _child_trainer(kind: str, use_alignops: bool, steps: int) -> dict:
-    result, kib = _peak_extra_kib(lambda: run_trainer(kind, use_alignops, steps=steps))
+def _child_trainer(kind: str, use_alignops: bool, steps: int, vocab: int) -> dict:
+    result = run_trainer(kind, use_alignops, steps=steps, vocab_size=vocab, measure=_peak_extra_kib)
+    kib = result.pop("measured")[1]
     return {**result, "peak_extra_mib": kib / 1024}
 
 
@@ -217,15 +235,20 @@ def _in_child(*args: str) -> dict:
 def report(trainers: list[str], steps: int, vocab: int, tokens: int, hidden: int) -> None:
     import trl
 
-    print(f"TRL {trl.__version__}, torch {torch.__version__}, CPU, fp32; tiny Llama (2 layers, H=32)")
-    print("peak = peak extra RSS of the run (VmHWM - VmRSS before it), fresh process per run\n")
+    model = f"tiny Llama (2 layers, H=32, V={vocab})"
+    print(f"TRL {trl.__version__}, torch {torch.__version__}, CPU, fp32, plain SGD; {model}")
+    print("peak = peak extra RSS during trainer.train() (VmHWM - VmRSS before it), fresh process per run\n")
     for kind in trainers:
-        off = _in_child("trainer", kind, "off", str(steps))
-        on = _in_child("trainer", kind, "on", str(steps))
+        off = _in_child("trainer", kind, "off", str(steps), str(vocab))
+        on = _in_child("trainer", kind, "on", str(steps), str(vocab))
         print(f"{kind.upper()}Trainer, {steps} steps")
-        print(f"  {'step':>4}  {'loss TRL head':>14}  {'loss alignops':>14}  {'|diff|':>9}")
-        for i, (a, b) in enumerate(zip(off["losses"], on["losses"]), 1):
-            print(f"  {i:>4}  {a:>14.7f}  {b:>14.7f}  {abs(a - b):>9.2e}")
+        print(
+            f"  {'step':>4}  {'loss TRL head':>14}  {'loss alignops':>14}  {'|diff|':>9}"
+            f"  {'grad-norm rel diff':>18}"
+        )
+        rows = zip(off["losses"], on["losses"], off["grad_norms"], on["grad_norms"])
+        for i, (a, b, ga, gb) in enumerate(rows, 1):
+            print(f"  {i:>4}  {a:>14.7f}  {b:>14.7f}  {abs(a - b):>9.2e}  {abs(ga - gb) / ga:>18.2e}")
         for name, r in (("TRL head", off), ("alignops", on)):
             print(
                 f"  {name:<9} TRL ChunkedLogProbFunction calls {r['trl_calls']:>3}, alignops head calls "
@@ -255,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(1)
         what, *rest = a.child
         if what == "trainer":
-            out = _child_trainer(rest[0], rest[1] == "on", int(rest[2]))
+            out = _child_trainer(rest[0], rest[1] == "on", int(rest[2]), int(rest[3]))
         else:
             out = _child_head(rest[0], int(rest[1]), int(rest[2]), int(rest[3]))
         print(json.dumps(out))

@@ -163,7 +163,8 @@ def test_refusals_name_the_reason():
 @pytest.mark.parametrize("kind", ["dpo", "kto", "grpo", "sft"])
 def test_trainer_losses_match_and_trl_head_never_runs(kind):
     """Three optimizer steps (plain SGD, fp32) with TRL's head and with alignops': the logged
-    per-step losses agree within 1e-5 relative + 1e-6 absolute, and with the switch on TRL's
+    per-step losses agree within 1e-5 relative + 1e-6 absolute, the logged gradient norms
+    within 1e-5 relative, and with the switch on TRL's
     ``ChunkedLogProbFunction`` ran zero times."""
     off = run_trainer(kind, False, steps=3)
     on = run_trainer(kind, True, steps=3)
@@ -171,4 +172,22 @@ def test_trainer_losses_match_and_trl_head_never_runs(kind):
     assert on["trl_calls"] == 0 and on["alignops_calls"] == off["trl_calls"]
     assert len(on["losses"]) == len(off["losses"]) == 3
     assert_close("losses", torch.tensor(off["losses"]), torch.tensor(on["losses"]), atol=1e-6, rtol=1e-5)
+    # the gradient norms the trainer logs before each update: the backward agrees too
+    assert_close(
+        "grad norms", torch.tensor(off["grad_norms"]), torch.tensor(on["grad_norms"]), atol=0, rtol=1e-5
+    )
     assert not binding.is_enabled()
+
+
+def test_bench_head_comparison_runs_both_heads_on_the_same_inputs():
+    """The must-show's head-alone measurement (``python -m alignops.bench.trl_trainers``) at a tiny
+    size: both heads see the same inputs and agree on the summed log-probs (float64 reference)."""
+    from alignops.bench.trl_trainers import _child_head
+
+    trl_r, ours = _child_head("trl", 37, 8, 301), _child_head("alignops", 37, 8, 301)
+    g = torch.Generator().manual_seed(0)
+    hid, w = torch.randn(37, 8, generator=g), torch.randn(301, 8, generator=g) / 8**0.5
+    y = torch.randint(0, 301, (37,), generator=g)
+    want = torch.log_softmax(hid.double() @ w.double().T, -1).gather(-1, y[:, None]).sum().item()
+    assert abs(trl_r["sum_logps"] - want) < 1e-4 and abs(ours["sum_logps"] - want) < 1e-4
+    assert ours["peak_extra_mib"] >= 0 and trl_r["grads_mib"] == ours["grads_mib"]
