@@ -230,6 +230,14 @@ class CausalLMLogProbs(NamedTuple):
     mask: torch.Tensor
 
 
+def _is_fsdp(model) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def _check_layout(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     """``(decoder, head)`` of a causal LM, or a ``TypeError`` naming what is missing."""
     name = type(model).__name__
@@ -266,8 +274,11 @@ def causal_lm_logprobs(
 
     Runs the decoder (``get_decoder()``), then :func:`alignops.linear_logprobs` on the last hidden
     states and the output embedding's weight (tied or not, with its bias if any), with the logit
-    multiplier and ``final_logit_softcapping`` of the model's config (:func:`logit_transform`). A
-    DTensor head (FSDP2) is gathered; under ``torch.autocast`` the matmul runs in its dtype.
+    multiplier and ``final_logit_softcapping`` of the model's config (:func:`logit_transform`). An
+    FSDP2 (``fully_shard``) root model runs the computation inside its own call, so its hooks gather
+    the embeddings and the head and reduce-scatter their gradients; a DTensor head met outside
+    such a call is gathered with ``full_tensor()``. Under ``torch.autocast`` the matmul runs in
+    its dtype.
 
     Args:
         model: a decoder-only ``XForCausalLM`` (Llama, Qwen2/3, Mistral, Gemma-2/3, GPT-2, MoE ...).
@@ -296,39 +307,55 @@ def causal_lm_logprobs(
             )
     logit_scale, softcap = logit_transform(model.config)
     if labels is None:
-        labels = (
-            input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, ignore_index)
+        pad = None if attention_mask is None else attention_mask == 0
+        labels = input_ids if pad is None else input_ids.masked_fill(pad, ignore_index)
+
+    def fused(input_ids, attention_mask, position_ids, labels):
+        out = decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            **decoder_kwargs,
         )
-    out = decoder(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-        **decoder_kwargs,
-    )
-    hidden = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[:, :-1]
-    weight, bias = full_head(head.weight, getattr(head, "bias", None))
-    if hidden.shape[-1] != weight.shape[1]:
-        raise TypeError(
-            f"{type(model).__name__}: the decoder's hidden size {hidden.shape[-1]} differs from the LM "
-            f"head's input size {weight.shape[1]} (a projection between them is not supported)"
+        hidden = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[:, :-1]
+        weight, bias = full_head(head.weight, getattr(head, "bias", None))
+        if hidden.shape[-1] != weight.shape[1]:
+            raise TypeError(
+                f"{type(model).__name__}: the decoder's hidden size {hidden.shape[-1]} differs from the LM "
+                f"head's input size {weight.shape[1]} (a projection between them is not supported)"
+            )
+        targets = labels[:, 1:].to(hidden.device)
+        if position_ids is not None:  # packed rows: a sequence starts where the position restarts at 0
+            targets = targets.masked_fill(position_ids[:, 1:].to(hidden.device) == 0, ignore_index)
+        dt = compute_dtype(hidden)
+        res = alignops.linear_logprobs(
+            hidden.to(dt),
+            to_compute(weight, dt),
+            targets,
+            bias=to_compute(bias, dt),
+            ignore_index=ignore_index,
+            temperature=temperature,
+            softcap=softcap,
+            logit_scale=logit_scale,
+            return_entropy=return_entropy,
         )
-    targets = labels[:, 1:].to(hidden.device)
-    if position_ids is not None:  # packed rows: a sequence starts where the position restarts at 0
-        targets = targets.masked_fill(position_ids[:, 1:].to(hidden.device) == 0, ignore_index)
-    dt = compute_dtype(hidden)
-    res = alignops.linear_logprobs(
-        hidden.to(dt),
-        to_compute(weight, dt),
-        targets,
-        bias=to_compute(bias, dt),
-        ignore_index=ignore_index,
-        temperature=temperature,
-        softcap=softcap,
-        logit_scale=logit_scale,
-        return_entropy=return_entropy,
-    )
-    return CausalLMLogProbs(res.logps, res.entropy, targets != ignore_index)
+        return CausalLMLogProbs(res.logps, res.entropy, targets != ignore_index)
+
+    args = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
+    if not _is_fsdp(model):
+        return fused(**args)
+    # FSDP2 root: run inside the model's own call, so that its hooks gather the parameters it
+    # owns (embeddings, LM head) and reduce-scatter their gradients in the backward
+    saved = model.__dict__.get("forward")
+    model.forward = fused
+    try:
+        return model(**args)
+    finally:
+        if saved is None:
+            del model.forward
+        else:
+            model.forward = saved
 
 
 __all__ = ["CausalLMLogProbs", "PatchHandle", "causal_lm_logprobs", "logit_transform", "patch_causal_lm"]
