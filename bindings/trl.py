@@ -22,11 +22,13 @@ Zhou et al., 2024, arXiv:2406.11827; returned without gradient, as TRL does), ``
 ``final_logit_softcapping``) and passes to the head, with the trainer's temperature. FSDP2 heads
 arrive as full tensors (TRL gathers a DTensor head before the call; a DTensor weight reaching the
 head directly is gathered with ``full_tensor()``, differentiably); DeepSpeed ZeRO-3 heads are
-gathered by TRL's own context around the call.
+refused (see below).
 
 Refused, with the reason, never silently left on TRL's code: a logit scale that is not a finite
-number > 0, an unknown output name, DTensor hidden states, and the DistillationTrainer (its
-divergence head, ``ChunkedDivergenceFunction``, has no alignops counterpart yet).
+number > 0, an unknown output name, DTensor hidden states, DeepSpeed ZeRO-3 (TRL gathers the head
+for the forward only and re-gathers it in its own backward, which alignops' backward does not),
+and the DistillationTrainer (its divergence head, ``ChunkedDivergenceFunction``, has no alignops
+counterpart yet).
 
 :func:`count_head_calls` counts the calls of both heads: with the switch on, TRL's ran zero times.
 """
@@ -102,6 +104,12 @@ def fused_head(
             f"alignops.bindings.trl: logit scale {logit_scale!r} read from the model config is not a finite "
             "number > 0; alignops' head does not support it (disable the switch for this model)"
         )
+    if _zero3():
+        raise NotImplementedError(
+            "alignops.bindings.trl: DeepSpeed ZeRO-3 is not supported yet: alignops' backward reads the "
+            "LM-head weight TRL gathered for the forward only (TRL's head re-gathers it in its backward). "
+            "Use FSDP2, ZeRO-1/2, or disable the switch."
+        )
     for c in _counters:
         c.alignops += 1
     dt = compute_dtype(hidden)
@@ -124,6 +132,14 @@ def fused_head(
     lsp2 = None if out.log_sum_p2 is None else out.log_sum_p2.detach()
     mean = None if out.mean_logit is None else out.mean_logit.detach()
     return out.logps, out.entropy, lsp2, mean, is_top1
+
+
+def _zero3() -> bool:
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:
+        return False
+    return is_deepspeed_zero3_enabled()
 
 
 class AlignopsLogProbFunction:

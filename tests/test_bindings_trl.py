@@ -141,6 +141,15 @@ def test_switch_reverts_and_covers_models_patched_before():
     assert torch.equal(a, c)
 
 
+def test_zero3_is_refused(monkeypatch):
+    import transformers.integrations.deepspeed as hf_ds
+
+    monkeypatch.setattr(hf_ds, "is_deepspeed_zero3_enabled", lambda: True)
+    hid, w, y = torch.randn(3, 4), torch.randn(9, 4), torch.randint(0, 9, (3,))
+    with pytest.raises(NotImplementedError, match="ZeRO-3 is not supported"):
+        binding.fused_head(hid, w, None, y, 1.0, 8, None, 1.0, ("log_probs",))
+
+
 def test_refusals_name_the_reason():
     with binding.enable():
         from trl.trainer import distillation_trainer
