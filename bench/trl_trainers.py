@@ -25,7 +25,7 @@ import torch
 
 WORDS = [f"w{i}" for i in range(90)]
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
-TRAINERS = ("dpo", "kto", "grpo", "sft")
+TRAINERS = ("dpo", "kto", "grpo", "rloo", "sft")
 
 
 def tiny_tokenizer(path: str):
@@ -83,7 +83,7 @@ def tiny_dataset(kind: str, rows: int = 16, seed: int = 0):
             {"prompt": _sentence(rng, 3, 7), "completion": _sentence(rng, 2, 9), "label": bool(i % 2)}
             for i in range(rows)
         ]
-    elif kind == "grpo":
+    elif kind in ("grpo", "rloo"):
         data = [{"prompt": _sentence(rng, 3, 7)} for _ in range(rows)]
     elif kind == "sft":
         data = [{"text": _sentence(rng, 5, 15)} for _ in range(rows)]
@@ -131,6 +131,12 @@ def build_trainer(kind: str, out_dir: str, *, steps: int = 3, vocab_size: int | 
     if kind == "sft":
         args = trl.SFTConfig(max_length=32, **common)
         return trl.SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    if kind == "rloo":
+        common.setdefault("num_generations", 4)
+        args = trl.RLOOConfig(max_completion_length=8, beta=0.04, **common)
+        return trl.RLOOTrainer(
+            model=model, reward_funcs=_reward_ids, args=args, train_dataset=ds, processing_class=tok
+        )
     if kind == "grpo":
         common.setdefault("num_generations", 4)
         args = trl.GRPOConfig(max_completion_length=8, beta=0.04, **common)
@@ -213,7 +219,7 @@ def _child_head(head: str, n: int, h: int, v: int) -> dict:
 
             lp, ent, *_ = fused_head(hid, w, None, y, 1.0, None, None, 1.0, outputs)
         (lp.sum() + 0.1 * ent.sum()).backward()
-        return float(lp.sum())
+        return float(lp.detach().sum())
 
     step()  # warm-up: thread pools, first allocations
     hid.grad = w.grad = None

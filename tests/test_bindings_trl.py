@@ -17,11 +17,12 @@ transformers = pytest.importorskip("transformers")
 trl = pytest.importorskip("trl")
 
 import trl.trainer.utils as trl_utils  # noqa: E402
-from alignops.bench.trl_trainers import run_trainer, tiny_llama  # noqa: E402
+from alignops.bench.trl_trainers import tiny_llama  # noqa: E402
 from alignops.bindings import trl as binding  # noqa: E402
 from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 
 from tests._assert import assert_close  # noqa: E402
+from tests._trl_runs import trainer_run  # noqa: E402
 
 ALL = binding.OUTPUTS
 
@@ -69,6 +70,26 @@ def test_fused_head_fields_and_gradients_match_float64(softcap, scale, temperatu
     d_want = torch.autograd.grad((want[0] * g1 + want[1] * g2).sum(), (hid, w, b))
     for name, a, c in zip(("dhidden", "dweight", "dbias"), d_want, d_got):
         assert_close(name, a, c, atol=1e-10, rtol=1e-9)
+
+
+def test_fused_head_dtypes_autocast_and_fp32_head():
+    """Under bf16 autocast (fp32 master weight) the matmul runs on bf16-rounded operands, as TRL's
+    head; with a bf16 head and fp32 hidden states (TRL's ``cast_lm_head_to_fp32``) in fp32."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    g = torch.Generator().manual_seed(3)
+    hid, w = torch.randn(45, 16, generator=g), torch.randn(263, 16, generator=g) / 4
+    y = torch.randint(0, 263, (45,), generator=g)
+    bf = lambda t: t.bfloat16().double()  # noqa: E731
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = binding.fused_head(hid, w, None, y, 1.0, None, None, 1.0, ALL)
+        trl_out = ChunkedLogProbFunction.apply(hid, w, None, y, 1.0, 32768, None, 1.0, ALL)
+    want = _reference(bf(hid), bf(w), None, y)
+    assert_close("logps autocast", want[0], got[0], atol=1e-5, rtol=1e-5)
+    # TRL also rounds each logit to bf16 (step 2**-8 relative): agreement to that
+    assert_close("logps vs TRL autocast", trl_out[0], got[0], atol=3e-2, rtol=0)
+    got32 = binding.fused_head(hid, w.bfloat16(), None, y, 1.0, None, None, 1.0, ("log_probs",))
+    assert_close("logps fp32 head cast", _reference(hid, bf(w), None, y)[0], got32[0], atol=1e-5, rtol=1e-5)
 
 
 def test_fused_head_only_requested_fields():
@@ -169,14 +190,14 @@ def test_refusals_name_the_reason():
     assert "__init__" in vars(distillation_trainer.DistillationTrainer)
 
 
-@pytest.mark.parametrize("kind", ["dpo", "kto", "grpo", "sft"])
+@pytest.mark.parametrize("kind", ["dpo", "kto", "grpo", "rloo", "sft"])
 def test_trainer_losses_match_and_trl_head_never_runs(kind):
     """Three optimizer steps (plain SGD, fp32) with TRL's head and with alignops': the logged
     per-step losses agree within 1e-5 relative + 1e-6 absolute, the logged gradient norms
     within 1e-5 relative, and with the switch on TRL's
     ``ChunkedLogProbFunction`` ran zero times."""
-    off = run_trainer(kind, False, steps=3)
-    on = run_trainer(kind, True, steps=3)
+    off = trainer_run(kind, False)
+    on = trainer_run(kind, True)
     assert off["trl_calls"] > 0 and off["alignops_calls"] == 0
     assert on["trl_calls"] == 0 and on["alignops_calls"] == off["trl_calls"]
     assert len(on["losses"]) == len(off["losses"]) == 3
