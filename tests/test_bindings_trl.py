@@ -190,7 +190,7 @@ def test_refusals_name_the_reason():
     assert "__init__" in vars(distillation_trainer.DistillationTrainer)
 
 
-@pytest.mark.parametrize("kind", ["dpo", "kto", "grpo", "rloo", "sft"])
+@pytest.mark.parametrize("kind", ["dpo", "kto", "grpo", "rloo", "sft", "sft-packed"])
 def test_trainer_losses_match_and_trl_head_never_runs(kind):
     """Three optimizer steps (plain SGD, fp32) with TRL's head and with alignops': the logged
     per-step losses agree within 1e-5 relative + 1e-6 absolute, the logged gradient norms
