@@ -227,3 +227,31 @@ def test_unsupported_layouts_raise_naming_what_is_missing():
         causal_lm_logprobs(t5, ids)
     with pytest.raises(ValueError, match="labels must have"):
         causal_lm_logprobs(_llama(), ids, labels=ids[:, :3])
+
+
+@pytest.mark.parametrize(
+    "arch", ["granite-logits_scaling", "cohere-logit_scale", "gemma3-softcap", "qwen2-moe"]
+)
+def test_patch_causal_lm_reads_the_same_conventions(arch):
+    """``patch_causal_lm`` uses the same config reader: its loss equals the cross-entropy of the
+    model's own logits in float64 (HF's loss function rounds to float32), value and gradients
+    with respect to every parameter."""
+    from alignops.bindings.transformers import patch_causal_lm
+
+    torch.manual_seed(4)
+    model = ARCHS[arch]().double().eval()
+    ids, mask, labels = _batch(model.config.vocab_size)
+    params = list(model.parameters())
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+    d_want = torch.autograd.grad(want, params, allow_unused=True)
+    with patch_causal_lm(model):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits is None
+    d_got = torch.autograd.grad(out.loss, params, allow_unused=True)
+    assert_close("loss", want.detach(), out.loss.detach(), atol=1e-10, rtol=1e-9)
+    for (name, _), a, c in zip(model.named_parameters(), d_want, d_got):
+        if a is None or c is None:
+            assert (a is None or not a.any()) and (c is None or not c.any()), name
+        else:
+            assert_close(name, a, c, atol=1e-9, rtol=1e-8)
