@@ -142,13 +142,18 @@ def _fsdp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_fsdp2_two_gloo_processes_equal_single_process(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    got = torch.load(tmp_path / "fsdp.pt")
+    # the single-process run first: it also imports the model code the forked workers inherit
     model = tiny_llama(211, seed=0)
     ids, mask = _inputs(211, b=4)
     out = causal_lm_logprobs(model, ids, mask, return_entropy=True)
     loss = -(out.logps.sum() / out.mask.sum()) - 0.01 * out.entropy.sum()
     loss.backward()
+    # fork: the workers inherit the imported modules (a fresh interpreter would re-import torch and
+    # transformers, most of this test's time)
+    mp.start_processes(
+        _fsdp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork"
+    )
+    got = torch.load(tmp_path / "fsdp.pt")
     assert_close("loss", loss.detach(), got["loss"], atol=1e-6, rtol=1e-6)
     for name, p in model.named_parameters():
         assert_close(name, p.grad, got["grads"][name], atol=1e-6, rtol=1e-5)
