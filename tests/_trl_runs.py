@@ -1,4 +1,4 @@
-"""TRL trainer runs shared by the test files (one run per (trainer, head, steps) per session)."""
+"""TRL trainer runs shared by the test files (each (trainer, head, steps) runs once per pytest run)."""
 
 from __future__ import annotations
 
