@@ -75,12 +75,16 @@ def tiny_dataset(kind: str, rows: int = 16, seed: int = 0):
     rng = torch.Generator().manual_seed(seed)
     if kind == "dpo":
         data = [
-            {"prompt": _sentence(rng, 3, 7), "chosen": _sentence(rng, 2, 9), "rejected": _sentence(rng, 2, 9)}
+            {
+                "prompt": _sentence(rng, 3, 7),
+                "chosen": " " + _sentence(rng, 2, 9),  # TRL tokenizes prompt + completion as one text
+                "rejected": " " + _sentence(rng, 2, 9),
+            }
             for _ in range(rows)
         ]
     elif kind == "kto":
         data = [
-            {"prompt": _sentence(rng, 3, 7), "completion": _sentence(rng, 2, 9), "label": bool(i % 2)}
+            {"prompt": _sentence(rng, 3, 7), "completion": " " + _sentence(rng, 2, 9), "label": bool(i % 2)}
             for i in range(rows)
         ]
     elif kind in ("grpo", "rloo"):

@@ -179,16 +179,68 @@ class Switch:
         return False
 
 
-def enable() -> Switch:
+def _hook_dpo_reference(lookup) -> None:
+    """DPOTrainer's reference precompute (``precompute_ref_log_probs=True``) asks ``lookup`` first."""
+    from trl import DPOTrainer
+
+    for o, n, value in _saved:
+        if o is DPOTrainer and n == "_precompute_ref_logps":
+            precompute = value
+            break
+    else:
+        precompute = DPOTrainer._precompute_ref_logps
+    for o, n, value in _saved:
+        if o is DPOTrainer and n == "__init__":
+            original_init = value
+            break
+    else:
+        original_init = DPOTrainer.__init__
+
+    def checked_init(self, *args, **kwargs):
+        cfg = kwargs.get("args", args[2] if len(args) > 2 else None)  # (model, ref_model, args, ...)
+        if cfg is None or not getattr(cfg, "precompute_ref_log_probs", False):
+            raise ValueError(
+                "alignops.bindings.trl.enable(dpo_reference=...): the lookup is used where DPOTrainer "
+                "precomputes reference log-probs; set DPOConfig(precompute_ref_log_probs=True)"
+            )
+        original_init(self, *args, **kwargs)
+
+    def looked_up(self, dataset, name, batch_size):
+        found = lookup(self, dataset, name)
+        if found is None:  # not in the lookup: TRL precomputes them (on alignops' head)
+            return precompute(self, dataset, name, batch_size)
+        missing = {"ref_chosen_logps", "ref_rejected_logps"} - set(found.column_names)
+        if missing or len(found) != len(dataset):
+            raise ValueError(
+                f"alignops.bindings.trl: the dpo_reference lookup returned a dataset of {len(found)} rows "
+                f"(expected {len(dataset)}) missing {sorted(missing)}"
+            )
+        return found
+
+    _set(DPOTrainer, "__init__", checked_init)
+    _set(DPOTrainer, "_precompute_ref_logps", looked_up)
+
+
+def enable(*, dpo_reference=None) -> Switch:
     """Route every TRL trainer's fused LM head through alignops (idempotent).
 
     Patches ``trl.trainer.utils._ChunkedLogProbFunction`` (the head ``add_fused_lm_head``'s forward
     looks up on every call, so models patched earlier switch too) and refuses the
     DistillationTrainer (construction and its divergence head) with the reason.
+
+    ``dpo_reference``: the hook for cached reference log-probs in DPOTrainer, a callable
+    ``(trainer, dataset, name) -> dataset | None``. Where the trainer precomputes its reference
+    log-probs (``DPOConfig(precompute_ref_log_probs=True)``, required: refused otherwise), it is
+    given the tokenized dataset (``prompt_ids``, ``chosen_ids``, ``rejected_ids`` in TRL 1.16)
+    and returns it with the columns ``ref_chosen_logps`` / ``ref_rejected_logps`` (summed over
+    each completion's tokens), or ``None`` for TRL to compute them (on alignops' head). The hook
+    stays until :func:`disable` (a later ``enable()`` without it keeps it).
     """
     import trl.trainer.utils as trl_utils
 
     _set(trl_utils, "_ChunkedLogProbFunction", AlignopsLogProbFunction)
+    if dpo_reference is not None:
+        _hook_dpo_reference(dpo_reference)
     try:
         import trl.trainer.distillation_trainer as dist
     except ImportError:  # a TRL without the DistillationTrainer: nothing to refuse

@@ -221,3 +221,54 @@ def test_bench_head_comparison_runs_both_heads_on_the_same_inputs():
     want = torch.log_softmax(hid.double() @ w.double().T, -1).gather(-1, y[:, None]).sum().item()
     assert abs(trl_r["sum_logps"] - want) < 1e-4 and abs(ours["sum_logps"] - want) < 1e-4
     assert ours["peak_extra_mib"] >= 0 and trl_r["grads_mib"] == ours["grads_mib"]
+
+
+def _reference_lookup(calls: list):
+    """A stand-in for a reference-log-prob cache: sums of the reference model's completion log-probs
+    computed here with ``causal_lm_logprobs`` (an independent path: no TRL code)."""
+    import os
+
+    from alignops.bindings.transformers import causal_lm_logprobs
+
+    def lookup(trainer, dataset, name):
+        calls.append(name)
+        path = os.path.join(os.path.dirname(trainer.args.output_dir), "model")
+        ref = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+        cols = {"ref_chosen_logps": [], "ref_rejected_logps": []}
+        with torch.no_grad():
+            for row in dataset:
+                for side in ("chosen", "rejected"):
+                    ids = torch.tensor(row["prompt_ids"] + row[f"{side}_ids"])[None]
+                    labels = ids.clone()
+                    labels[:, : len(row["prompt_ids"])] = -100
+                    lp = causal_lm_logprobs(ref, ids, labels=labels).logps.sum().item()
+                    cols[f"ref_{side}_logps"].append(lp)
+        for k, v in cols.items():
+            dataset = dataset.add_column(k, v)
+        return dataset
+
+    return lookup
+
+
+def test_dpo_reference_hook_replaces_the_precompute():
+    """``enable(dpo_reference=lookup)``: DPOTrainer takes its reference log-probs from the lookup
+    (no reference forward at all) and trains like TRL's own precompute."""
+    from alignops.bench.trl_trainers import run_trainer
+
+    want = run_trainer("dpo", False, steps=2, precompute_ref_log_probs=True)
+    calls: list = []
+    binding.enable(dpo_reference=_reference_lookup(calls))
+    got = run_trainer("dpo", True, steps=2, precompute_ref_log_probs=True)  # disables at the end
+    binding.enable(dpo_reference=_reference_lookup(calls))
+    with pytest.raises(ValueError, match="precompute_ref_log_probs=True"):
+        run_trainer("dpo", True, steps=1)  # the hook would never be asked: refused
+    assert calls == ["train"]
+    # TRL's precompute ran its head once per batch (4 rows of 16); with the lookup only the policy's 2 steps
+    assert want["trl_calls"] == 2 + 16 // 4 and got["alignops_calls"] == 2 and got["trl_calls"] == 0
+    assert_close("losses", torch.tensor(want["losses"]), torch.tensor(got["losses"]), atol=1e-6, rtol=1e-5)
+    assert_close(
+        "grad norms", torch.tensor(want["grad_norms"]), torch.tensor(got["grad_norms"]), rtol=1e-5, atol=0
+    )
+    from trl import DPOTrainer
+
+    assert "_precompute_ref_logps" not in vars(DPOTrainer) or not binding.is_enabled()
