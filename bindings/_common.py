@@ -23,6 +23,13 @@ def full_head(weight: torch.Tensor, bias: torch.Tensor | None):
     return weight, bias
 
 
+def autocast_off(t: torch.Tensor):
+    """A context with ``torch.autocast`` off for ``t``'s device: the bindings pick the matmul dtype
+    themselves (:func:`compute_dtype`); left on, autocast would also round alignops' PyTorch
+    engine's fp32 tile arithmetic to 16 bits (the entropy then loses ~1e-2)."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     """The matmul dtype: ``torch.autocast``'s when it is on for the device, else ``hidden``'s."""
     dev = hidden.device.type

@@ -176,15 +176,24 @@ def test_packed_padding_free_rows_equal_separate_sequences(arch):
 
 
 def test_autocast_bf16_matches_the_models_autocast_logits():
-    """Under ``torch.autocast`` the head runs in bf16 like the model's own ``lm_head``."""
+    """Under ``torch.autocast`` the head's matmul takes bf16-rounded operands, as the model's own
+    ``lm_head`` does, with fp32 arithmetic after it: log-probs and entropy equal float64 math on
+    the bf16-rounded hidden states and weight (the model's own bf16 logits only to 2**-8)."""
     torch.manual_seed(3)
     model = _llama().eval()
     ids, mask, labels = _batch(model.config.vocab_size)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = causal_lm_logprobs(model, ids, mask, labels)
-        want, _, _ = _model_logps(model, ids, mask, labels)
-    # the model rounds its logits to bf16 (a 2**-8 relative step on |z| ~ 1); alignops keeps fp32
-    assert_close("logps", want, got.logps.double(), atol=3e-2, rtol=1e-2)
+        got = causal_lm_logprobs(model, ids, mask, labels, return_entropy=True)
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+        own, _, valid = _model_logps(model, ids, mask, labels)
+    z = hidden.detach().bfloat16().double() @ model.lm_head.weight.detach().bfloat16().double().T
+    logp_all = torch.log_softmax(z, -1)
+    y = labels[:, 1:]
+    want = torch.where(valid, logp_all.gather(-1, y.clamp(min=0)[..., None])[..., 0], 0.0)
+    ent = torch.where(valid, -(logp_all.exp() * logp_all).sum(-1), 0.0)
+    assert_close("logps", want, got.logps, atol=1e-5, rtol=1e-5)
+    assert_close("entropy", ent, got.entropy, atol=1e-5, rtol=1e-5)
+    assert_close("logps vs the model's bf16 logits", own, got.logps.double(), atol=3e-2, rtol=1e-2)
 
 
 def test_logit_transform_reads_each_convention():
