@@ -232,6 +232,32 @@ def _child_head(head: str, n: int, h: int, v: int) -> dict:
     return {"sum_logps": value, "peak_extra_mib": kib / 1024, "grads_mib": grads_mib}
 
 
+def head_errors_bf16(n: int, h: int, v: int) -> dict:
+    """Max |error| of each head's log-probs and entropies under bf16 ``torch.autocast`` (fp32
+    weight), against float64 math on the same bf16-rounded operands."""
+    from alignops.bindings.trl import fused_head
+    from trl.kernels import ChunkedLogProbFunction
+
+    g = torch.Generator().manual_seed(1)
+    hid = torch.randn(n, h, generator=g)
+    w = torch.randn(v, h, generator=g) * (2 / h**0.5)
+    y = torch.randint(0, v, (n,), generator=g)
+    z = hid.bfloat16().double() @ w.bfloat16().double().T
+    logp_all = torch.log_softmax(z, -1)
+    ref_lp = logp_all.gather(-1, y[:, None])[:, 0]
+    ref_ent = -(logp_all.exp() * logp_all).sum(-1)
+    outputs = ("log_probs", "entropy")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = {
+            "trl": ChunkedLogProbFunction.apply(hid, w, None, y, 1.0, 32768, None, 1.0, outputs),
+            "alignops": fused_head(hid, w, None, y, 1.0, None, None, 1.0, outputs),
+        }
+    return {
+        k: ((lp.double() - ref_lp).abs().max().item(), (ent.double() - ref_ent).abs().max().item())
+        for k, (lp, ent, *_) in got.items()
+    }
+
+
 def _in_child(*args: str) -> dict:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "alignops.bench.trl_trainers", "--child", *args]
@@ -272,6 +298,11 @@ def report(trainers: list[str], steps: int, vocab: int, tokens: int, hidden: int
             f"  {head:<9} peak {r['peak_extra_mib']:8.1f} MiB  (inputs' gradients {r['grads_mib']:.1f} MiB, "
             f"sum logps {r['sum_logps']:.4f})"
         )
+    n_acc = min(tokens, 256)
+    print(f"\nAccuracy under bf16 autocast (fp32 weight), N={n_acc}, H={hidden}, V={vocab}:")
+    print("  max |error| against float64 on the same bf16-rounded operands")
+    for head, (e_lp, e_ent) in head_errors_bf16(n_acc, hidden, vocab).items():
+        print(f"  {head:<9} log-probs {e_lp:.2e}   entropy {e_ent:.2e}")
 
 
 def main(argv: list[str] | None = None) -> None:

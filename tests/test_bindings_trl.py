@@ -273,3 +273,13 @@ def test_dpo_reference_hook_replaces_the_precompute():
     from trl import DPOTrainer
 
     assert "_precompute_ref_logps" not in vars(DPOTrainer) or not binding.is_enabled()
+
+
+def test_bench_bf16_accuracy_line():
+    """The must-show's bf16 accuracy line at a tiny size: alignops' head is at fp32 accuracy on the
+    bf16-rounded operands (TRL's rounds each logit to bf16, reported, not asserted)."""
+    from alignops.bench.trl_trainers import head_errors_bf16
+
+    errs = head_errors_bf16(33, 16, 1001)
+    assert errs["alignops"][0] < 1e-5 and errs["alignops"][1] < 1e-4
+    assert all(map(math.isfinite, errs["trl"]))
