@@ -47,6 +47,8 @@ class LogProbsOutput(NamedTuple):
     topk_ids / topk_logps: ``[..., K]`` the ``K`` most likely ids (int64, most likely first; -1
         at ignored positions) and their log-probs (no gradient), or ``None`` unless requested.
         ``topk_ids[..., 0] == targets`` is "the target is the top-1 token".
+    mean_logit: ``(1 / V) sum_v z_v``, the mean of the transformed logits (differentiable), or
+        ``None`` unless requested.
     """
 
     logps: torch.Tensor
@@ -55,12 +57,12 @@ class LogProbsOutput(NamedTuple):
     log_sum_p2: torch.Tensor | None = None
     topk_ids: torch.Tensor | None = None
     topk_logps: torch.Tensor | None = None
+    mean_logit: torch.Tensor | None = None
 
     @classmethod
     def of(cls, st: TokenStats, return_lse: bool) -> LogProbsOutput:
-        return cls(
-            st.logp, st.entropy, st.lse if return_lse else None, st.log_sum_p2, st.topk_ids, st.topk_logps
-        )
+        lse = st.lse if return_lse else None
+        return cls(st.logp, st.entropy, lse, st.log_sum_p2, st.topk_ids, st.topk_logps, st.zmean)
 
 
 class VocabParallel(NamedTuple):
@@ -109,6 +111,7 @@ def linear_logprobs(
     return_lse: bool = False,
     return_log_sum_p2: bool = False,
     topk: int = 0,
+    return_mean_logit: bool = False,
     process_group=None,
     vocab_size: int | None = None,
     reduce_hidden_grad: bool = True,
@@ -133,6 +136,8 @@ def linear_logprobs(
         return_entropy / return_lse / return_log_sum_p2: also return those per-token values.
         topk: also return the ``topk`` most likely ids and their log-probs per token (``0 <= topk
             <= 64``), computed in the same pass.
+        return_mean_logit: also return the mean transformed logit ``(1 / V) sum_v z_v`` (TRL's
+            ``mean_logits``), computed in the same pass.
         process_group: vocabulary parallelism (docs/distributed.md): ``weight`` / ``bias`` are
             this rank's rows ``[V_r, H]`` / ``[V_r]`` of the head (rank ``r`` holds global ids
             ``V_0 + ... + V_{r-1}`` on; uneven slices are fine); ``hidden`` and ``targets`` are the
@@ -161,10 +166,12 @@ def linear_logprobs(
         :class:`LogProbsOutput`, float32 (float64 for float64 inputs) with ``targets.shape``
         (``[..., K]`` for the top-k); exactly 0 at ignored positions. Differentiable with respect
         to ``hidden``, ``weight`` and ``bias`` for any combination of upstream gradients of
-        ``logps``, ``entropy``, ``lse`` and ``log_sum_p2``.
+        ``logps``, ``entropy``, ``lse``, ``log_sum_p2`` and ``mean_logit``.
     """
     opts = LogitOptions(ignore_index, logit_scale, softcap, temperature)
-    want = StatRequest(entropy=return_entropy, log_sum_p2=return_log_sum_p2, topk=topk)
+    want = StatRequest(
+        entropy=return_entropy, zmean=return_mean_logit, log_sum_p2=return_log_sum_p2, topk=topk
+    )
     par = VocabParallel(process_group, vocab_size, reduce_hidden_grad)
     st = linear_token_stats(hidden, weight, targets, bias, opts, want, par, grad_filter)
     return LogProbsOutput.of(st, return_lse)

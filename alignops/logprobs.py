@@ -60,6 +60,7 @@ def logprobs(
     return_log_sum_p2: bool = False,
     topk: int = 0,
     inplace_backward: bool = False,
+    return_mean_logit: bool = False,
     process_group=None,
     vocab_size: int | None = None,
 ) -> LogProbsOutput:
@@ -72,7 +73,7 @@ def logprobs(
         targets: ``[...]`` (``= logits.shape[:-1]``) int64 / int32 in ``[0, V)`` or
             ``ignore_index``; out-of-range ids raise (CPU) or assert on the device (CUDA).
         temperature, softcap, logit_scale: as in :func:`alignops.linear_logprobs`.
-        return_entropy / return_lse / return_log_sum_p2 / topk: as in
+        return_entropy / return_lse / return_log_sum_p2 / topk / return_mean_logit: as in
             :func:`alignops.linear_logprobs`.
         inplace_backward: the backward writes the gradient into the logits' storage; only when
             nothing reads the logits afterwards (an autograd node that saved them raises
@@ -90,7 +91,9 @@ def logprobs(
         ``targets.shape``; exactly 0 at ignored positions.
     """
     opts = LogitOptions(ignore_index, logit_scale, softcap, temperature)
-    want = StatRequest(entropy=return_entropy, log_sum_p2=return_log_sum_p2, topk=topk)
+    want = StatRequest(
+        entropy=return_entropy, zmean=return_mean_logit, log_sum_p2=return_log_sum_p2, topk=topk
+    )
     st = token_stats(
         logits,
         targets,

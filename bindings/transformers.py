@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from typing import NamedTuple
 
 import torch
 
 import alignops
+
+from ._common import autocast_off, compute_dtype, full_head, to_compute
 
 # Arguments of the causal-LM forward that the decoder does not take: the loss inputs, and
 # ``logits_to_keep`` (no logits are computed on the fused path).
@@ -59,6 +62,33 @@ class PatchHandle:
         return False
 
 
+def logit_transform(config) -> tuple[float, float | None]:
+    """``(logit_scale, softcap)`` of a causal LM's output logits, read from its (text) config.
+
+    The conventions transformers models use for a multiplier on the LM-head output: ``logit_scale``
+    (Cohere), ``output_multiplier``, ``lm_head_multiplier`` (Falcon-H1), ``logits_scaling``
+    (Granite and MiniCPM3 divide by it, HyperCLOVA X multiplies), the first that is set wins; 1.0
+    when none is. ``final_logit_softcapping`` (Gemma-2 / Gemma-3) is the soft-cap applied after it.
+    Raises ``ValueError`` for a scale alignops cannot represent (not a finite number > 0).
+    """
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = None
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        scale = getattr(cfg, name, None)
+        if scale is not None:
+            break
+    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
+        div = cfg.logits_scaling
+        scale = div if getattr(cfg, "model_type", None) == "hyperclovax" else 1.0 / div
+    scale = 1.0 if scale is None else float(scale)
+    if not (scale > 0 and scale != float("inf")):
+        raise ValueError(
+            f"alignops: the config's logit multiplier is {scale!r}; the fused head needs a finite scale > 0"
+        )
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    return scale, (None if softcap is None else float(softcap))
+
+
 def _head(model):
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
@@ -69,7 +99,13 @@ def _head(model):
 def _decoder(model):
     dec = model.get_decoder() if hasattr(model, "get_decoder") else None
     if dec is None:
-        raise TypeError(f"{type(model).__name__} has no get_decoder(); cannot locate the base model")
+        base = getattr(model, "base_model", None)
+        dec = base if base is not None and base is not model else None
+    if dec is None:
+        raise TypeError(
+            f"{type(model).__name__} has no get_decoder() and no base_model; cannot locate the decoder "
+            "whose last hidden states feed the LM head"
+        )
     return dec
 
 
@@ -117,8 +153,7 @@ def patch_causal_lm(model, *, ignore_index: int = -100) -> PatchHandle:
     head = _head(model)
     decoder = _decoder(model)
     cfg = getattr(model, "config", None)
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    logit_scale = getattr(cfg, "logit_scale", None)
+    logit_scale, softcap = logit_transform(cfg) if cfg is not None else (1.0, None)
     original = model.__dict__.get("forward")
     bound = model.forward
     sig = _signature(bound)
@@ -157,8 +192,6 @@ def patch_causal_lm(model, *, ignore_index: int = -100) -> PatchHandle:
         if shift_labels is None:
             # HF ForCausalLMLoss: the label of position t is labels[t + 1]; the last is ignored
             shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-        if logit_scale is not None:
-            hidden = hidden * logit_scale
         loss = alignops.linear_cross_entropy(
             hidden,
             head.weight,
@@ -166,6 +199,7 @@ def patch_causal_lm(model, *, ignore_index: int = -100) -> PatchHandle:
             bias=getattr(head, "bias", None),
             ignore_index=ignore_index,
             softcap=softcap,
+            logit_scale=logit_scale,
             reduction="sum" if num_items is not None else "mean",
             num_items=num_items,
         )
@@ -182,4 +216,148 @@ def patch_causal_lm(model, *, ignore_index: int = -100) -> PatchHandle:
     return PatchHandle(model, original)
 
 
-__all__ = ["PatchHandle", "patch_causal_lm"]
+class CausalLMLogProbs(NamedTuple):
+    """Output of :func:`causal_lm_logprobs`, each ``[B, T - 1]``, aligned with ``labels[:, 1:]``.
+
+    logps:   ``log p(labels[:, t + 1] | tokens <= t)`` (float32; float64 for a float64 model), 0 where
+             not scored; differentiable.
+    entropy: the entropy of the next-token distribution at ``t`` (0 where not scored), or ``None``.
+    mask:    bool, the scored positions.
+    """
+
+    logps: torch.Tensor
+    entropy: torch.Tensor | None
+    mask: torch.Tensor
+
+
+def _is_fsdp(model) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def _check_layout(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """``(decoder, head)`` of a causal LM, or a ``TypeError`` naming what is missing."""
+    name = type(model).__name__
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise TypeError(f"{name} has no .config; causal_lm_logprobs reads the logit scale / soft-cap from it")
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise TypeError(
+            f"{name} is an encoder-decoder model; causal_lm_logprobs needs a decoder-only causal LM"
+        )
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if head is None or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise TypeError(
+            f"{name} has no output embedding with a [vocab, hidden] weight (get_output_embeddings() gave "
+            f"{type(head).__name__}); causal_lm_logprobs needs the LM head as a linear layer"
+        )
+    return _decoder(model), head
+
+
+def causal_lm_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    *,
+    position_ids: torch.Tensor | None = None,
+    return_entropy: bool = False,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    **decoder_kwargs,
+) -> CausalLMLogProbs:
+    """Per-token log-probs of any transformers causal LM without its ``[B, T, V]`` logits.
+
+    Runs the decoder (``get_decoder()``), then :func:`alignops.linear_logprobs` on the last hidden
+    states and the output embedding's weight (tied or not, with its bias if any), with the logit
+    multiplier and ``final_logit_softcapping`` of the model's config (:func:`logit_transform`). An
+    FSDP2 (``fully_shard``) root model runs the computation inside its own call, so its hooks gather
+    the embeddings and the head and reduce-scatter their gradients; a DTensor head met outside
+    such a call is gathered with ``full_tensor()``. Under ``torch.autocast`` the matmul runs in
+    its dtype.
+
+    Args:
+        model: a decoder-only ``XForCausalLM`` (Llama, Qwen2/3, Mistral, Gemma-2/3, GPT-2, MoE ...).
+        input_ids: ``[B, T]`` token ids.
+        attention_mask: ``[B, T]`` (1 = token, 0 = padding) or ``None``.
+        labels: ``[B, T]`` the ids to score (HF convention: position ``t`` predicts ``labels[t + 1]``),
+            ``ignore_index`` where not scored. Default: ``input_ids`` with padding ignored.
+        position_ids: ``[B, T]``; for packed, padding-free rows (several sequences in one row,
+            positions restarting at 0 for each, as flash-attn's varlen path and TRL's
+            ``padding_free`` use them), the last token of a sequence is never scored against the
+            first token of the next one.
+        return_entropy: also return each position's entropy.
+        temperature: divides the (scaled, soft-capped) logits.
+        decoder_kwargs: passed to the decoder (e.g. ``pixel_values`` is not: text only).
+
+    Returns:
+        :class:`CausalLMLogProbs` with ``[B, T - 1]`` fields.
+    """
+    decoder, head = _check_layout(model)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+    for nm, t in (("attention_mask", attention_mask), ("labels", labels), ("position_ids", position_ids)):
+        if t is not None and t.shape != input_ids.shape:
+            raise ValueError(
+                f"{nm} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(t.shape)}"
+            )
+    logit_scale, softcap = logit_transform(model.config)
+    if labels is None:
+        pad = None if attention_mask is None else attention_mask == 0
+        labels = input_ids if pad is None else input_ids.masked_fill(pad, ignore_index)
+
+    def fused(input_ids, attention_mask, position_ids, labels):
+        out = decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            **decoder_kwargs,
+        )
+        hidden = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[:, :-1]
+        weight, bias = full_head(head.weight, getattr(head, "bias", None))
+        if hidden.shape[-1] != weight.shape[1]:
+            raise TypeError(
+                f"{type(model).__name__}: the decoder's hidden size {hidden.shape[-1]} differs from the LM "
+                f"head's input size {weight.shape[1]} (a projection between them is not supported)"
+            )
+        targets = labels[:, 1:].to(hidden.device)
+        if position_ids is not None:  # packed rows: a sequence starts where the position restarts at 0
+            targets = targets.masked_fill(position_ids[:, 1:].to(hidden.device) == 0, ignore_index)
+        dt = compute_dtype(hidden)
+        hidden, weight, bias = hidden.to(dt), to_compute(weight, dt), to_compute(bias, dt)
+        with autocast_off(hidden):
+            res = alignops.linear_logprobs(
+                hidden,
+                weight,
+                targets,
+                bias=bias,
+                ignore_index=ignore_index,
+                temperature=temperature,
+                softcap=softcap,
+                logit_scale=logit_scale,
+                return_entropy=return_entropy,
+            )
+        return CausalLMLogProbs(res.logps, res.entropy, targets != ignore_index)
+
+    args = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
+    if not _is_fsdp(model):
+        return fused(**args)
+    # FSDP2 root: run inside the model's own call, so that its hooks gather the parameters it
+    # owns (embeddings, LM head) and reduce-scatter their gradients in the backward
+    saved = model.__dict__.get("forward")
+    model.forward = fused
+    try:
+        return model(**args)
+    finally:
+        if saved is None:
+            del model.forward
+        else:
+            model.forward = saved
+
+
+__all__ = ["CausalLMLogProbs", "PatchHandle", "causal_lm_logprobs", "logit_transform", "patch_causal_lm"]

@@ -427,3 +427,32 @@ def test_topk_bad_values_raise():
     for k in (-1, 13, 65, 2.0, True):
         with pytest.raises(ValueError, match="topk"):
             alignops.linear_logprobs(hid, w, y, topk=k)
+
+
+@pytest.mark.parametrize("family", ["linear", "logits"])
+def test_mean_logit_side_output(family, workspace):
+    """``return_mean_logit``: ``(1 / V) sum_v z_v`` of the transformed logits (TRL's
+    ``mean_logits``), value and gradient with a random upstream gradient, against float64."""
+    n, h, v = 37, 9, 203
+    hid, w, b, y = _inputs(n, h, v, bias=True, scale=2.0)
+    kw = dict(softcap=5.0, temperature=0.7, logit_scale=1.3)
+    z = logits_ref(hid, w, b, **kw)
+    if family == "linear":
+        out = alignops.linear_logprobs(hid, w, y, bias=b, return_mean_logit=True, **kw)
+    else:
+        out = alignops.logprobs(hid @ w.T + b, y, return_mean_logit=True, **kw)
+    valid = y != -100
+    ref = torch.where(valid, z.mean(-1), 0.0)
+    assert_close("mean_logit", ref, out.mean_logit, atol=1e-10)
+    g = torch.randn(n, dtype=torch.float64)
+    got = torch.autograd.grad((out.mean_logit * g + out.logps).sum(), (hid, w, b))
+    want = torch.autograd.grad((ref * g).sum() + _logp_ref_sum(z, y), (hid, w, b))
+    for name, a, c in zip(("dhidden", "dweight", "dbias"), want, got):
+        assert_close(name, a, c, atol=1e-10, rtol=1e-9)
+    assert alignops.linear_logprobs(hid, w, y, bias=b).mean_logit is None
+
+
+def _logp_ref_sum(z, y):
+    valid = y != -100
+    lp = torch.log_softmax(z, -1).gather(-1, torch.where(valid, y, 0)[:, None])[:, 0]
+    return torch.where(valid, lp, 0.0).sum()

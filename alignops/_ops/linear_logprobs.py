@@ -91,9 +91,10 @@ def _backward(ctx, *grads):
     if need_dh or need_dw or need_db:
         inputs = (hidden, weight, targets, bias, *saved)
         g = grads[: len(c.GRAD_FIELDS)]
-        dh, dw, db = linear_logprobs_bwd_op(
-            *inputs, *g, *ctx.opts, need_dh, need_dw, need_db, ctx.grad_filter
-        )
+        # a mean-logit gradient reaches every vocabulary entry: no tile may be skipped
+        zmean_grad = g[c.GRAD_FIELDS.index("zmean")] is not None
+        grad_filter = 0.0 if zmean_grad else ctx.grad_filter
+        dh, dw, db = linear_logprobs_bwd_op(*inputs, *g, *ctx.opts, need_dh, need_dw, need_db, grad_filter)
     return (dh if need_dh else None, dw if need_dw else None, None, db if need_db else None) + c.no_grads(ctx)
 
 

@@ -1,0 +1,47 @@
+"""What the bindings share: the compute dtype under ``torch.autocast`` and DTensor heads."""
+
+from __future__ import annotations
+
+import torch
+
+
+def is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def full_head(weight: torch.Tensor, bias: torch.Tensor | None):
+    """The LM head as plain tensors: a DTensor (FSDP2 ``fully_shard``) weight / bias is gathered
+    with ``full_tensor()``, which is differentiable (its gradient is sharded back)."""
+    if is_dtensor(weight):
+        weight = weight.full_tensor()
+    if bias is not None and is_dtensor(bias):
+        bias = bias.full_tensor()
+    return weight, bias
+
+
+def autocast_off(t: torch.Tensor):
+    """A context with ``torch.autocast`` off for ``t``'s device: the bindings pick the matmul dtype
+    themselves (:func:`compute_dtype`); left on, autocast would also round alignops' PyTorch
+    engine's fp32 tile arithmetic to 16 bits (the entropy then loses ~1e-2)."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The matmul dtype: ``torch.autocast``'s when it is on for the device, else ``hidden``'s."""
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return hidden.dtype
+
+
+def to_compute(t: torch.Tensor | None, dt: torch.dtype) -> torch.Tensor | None:
+    """``t`` for a matmul in ``dt``: an fp32 master weight with a 16-bit ``dt`` stays as it is
+    (alignops rounds it tile by tile, as autocast would, without a 16-bit copy); anything else
+    that differs is cast (e.g. a bf16 head with an fp32 compute dtype)."""
+    if t is None or t.dtype == dt or (t.dtype == torch.float32 and dt in (torch.float16, torch.bfloat16)):
+        return t
+    return t.to(dt)

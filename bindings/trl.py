@@ -1,0 +1,310 @@
+"""TRL: every trainer's fused LM head on alignops' kernels, with one switch.
+
+TRL (>= 1.16) scores tokens in DPOTrainer, KTOTrainer, GRPOTrainer, RLOOTrainer and SFTTrainer
+through one seam: ``trl.trainer.utils.add_fused_lm_head`` patches the model so that
+``model(..., labels=..., fused_lm_head=True)`` runs the decoder, then TRL's chunked head
+(``ChunkedLogProbFunction``, looked up as a module global of ``trl.trainer.utils`` on every call)
+on the last hidden states and the LM-head weight. :func:`enable` replaces that head with
+:func:`alignops.linear_logprobs`, for every trainer and for models patched before or after the
+switch::
+
+    from alignops.bindings import trl as alignops_trl
+
+    with alignops_trl.enable():           # or alignops_trl.enable() ... alignops_trl.disable()
+        trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+        trainer.train()
+
+Every per-token field TRL asks for comes from one streaming pass over the vocabulary:
+``log_probs`` (differentiable), ``entropy`` (differentiable), ``log_sum_sq_probs`` (WPO's weight,
+Zhou et al., 2024, arXiv:2406.11827; returned without gradient, as TRL does), ``mean_logits``
+(without gradient) and ``is_top1``. The logit transform is the one TRL resolves from the config
+(``logit_scale``, ``output_multiplier``, ``lm_head_multiplier``, ``logits_scaling``,
+``final_logit_softcapping``) and passes to the head, with the trainer's temperature. FSDP2 heads
+arrive as full tensors (TRL gathers a DTensor head before the call; a DTensor weight reaching the
+head directly is gathered with ``full_tensor()``, differentiably); DeepSpeed ZeRO-3 heads are
+refused (see below).
+
+Refused, with the reason, never silently left on TRL's code: a logit scale that is not a finite
+number > 0, an unknown output name, DTensor hidden states, DeepSpeed ZeRO-3 (TRL gathers the head
+for the forward only and re-gathers it in its own backward, which alignops' backward does not),
+and the DistillationTrainer (its divergence head, ``ChunkedDivergenceFunction``, has no alignops
+counterpart yet).
+
+:func:`count_head_calls` counts the calls of both heads: with the switch on, TRL's ran zero times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+import alignops
+
+from ._common import autocast_off, compute_dtype, full_head, is_dtensor, to_compute
+
+#: The per-token fields of TRL's ``FusedCausalLMOutput`` the head computes, in its return order.
+OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+_UNSUPPORTED_DISTILLATION = (
+    "alignops.bindings.trl: DistillationTrainer is not yet supported: its divergence head "
+    "(trl ChunkedDivergenceFunction) has no alignops kernel yet, and with the alignops switch on "
+    "no TRL head runs. Call alignops.bindings.trl.disable() to train it on TRL's own head."
+)
+
+
+@dataclass
+class HeadCalls:
+    """How many times each head ran (forward calls) inside :func:`count_head_calls`."""
+
+    alignops: int = 0
+    trl: int = 0
+
+
+_counters: list[HeadCalls] = []
+
+
+def fused_head(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    final_logit_softcapping: float | None = None,
+    logit_scale: float = 1.0,
+    outputs: tuple[str, ...] = ("log_probs",),
+):
+    """TRL's head call on alignops: same arguments as ``ChunkedLogProbFunction.apply``.
+
+    Args:
+        hidden: ``[N, H]`` last hidden states (already shifted and flattened by TRL).
+        weight: ``[V, H]`` LM-head weight (a DTensor is gathered); bias ``[V]`` or ``None``.
+        targets: ``[N]`` next-token ids in ``[0, V)`` (TRL masks ignored positions itself).
+        temperature, final_logit_softcapping, logit_scale: ``z = softcap(logit_scale * (h W^T + b))
+            / temperature``. ``chunk_size`` is TRL's tile width, unused (alignops tiles itself).
+        outputs: names among :data:`OUTPUTS`; ``log_probs`` is always computed.
+
+    Returns:
+        ``(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)``, each ``[N]`` (fp32; bool
+        for ``is_top1``) or ``None`` when not in ``outputs``. ``is_top1`` counts a tie with the
+        largest logit as top-1 (TRL breaks ties toward the smaller id; exact float ties only).
+    """
+    unknown = [o for o in outputs if o not in OUTPUTS]
+    if unknown:
+        raise ValueError(f"alignops.bindings.trl: unknown output(s) {unknown}; supported: {OUTPUTS}")
+    if is_dtensor(hidden):
+        raise TypeError("alignops.bindings.trl: hidden states are a DTensor; pass the local tensor")
+    weight, bias = full_head(weight, bias)
+    scale = float(logit_scale)
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(
+            f"alignops.bindings.trl: logit scale {logit_scale!r} read from the model config is not a finite "
+            "number > 0; alignops' head does not support it (disable the switch for this model)"
+        )
+    if _zero3():
+        raise NotImplementedError(
+            "alignops.bindings.trl: DeepSpeed ZeRO-3 is not supported yet: alignops' backward reads the "
+            "LM-head weight TRL gathered for the forward only (TRL's head re-gathers it in its backward). "
+            "Use FSDP2, ZeRO-1/2, or disable the switch."
+        )
+    for c in _counters:
+        c.alignops += 1
+    dt = compute_dtype(hidden)
+    hidden, weight, bias = hidden.to(dt), to_compute(weight, dt), to_compute(bias, dt)
+    with autocast_off(hidden):
+        out = alignops.linear_logprobs(
+            hidden,
+            weight,
+            targets,
+            bias=bias,
+            temperature=temperature,
+            softcap=final_logit_softcapping,
+            logit_scale=scale,
+            return_entropy="entropy" in outputs,
+            return_log_sum_p2="log_sum_sq_probs" in outputs,
+            return_mean_logit="mean_logits" in outputs,
+            topk=1 if "is_top1" in outputs else 0,
+        )
+    is_top1 = None
+    if out.topk_ids is not None:
+        is_top1 = (out.topk_ids[..., 0] == targets) | (out.logps.detach() >= out.topk_logps[..., 0])
+    lsp2 = None if out.log_sum_p2 is None else out.log_sum_p2.detach()
+    mean = None if out.mean_logit is None else out.mean_logit.detach()
+    return out.logps, out.entropy, lsp2, mean, is_top1
+
+
+def _zero3() -> bool:
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:
+        return False
+    return is_deepspeed_zero3_enabled()
+
+
+class AlignopsLogProbFunction:
+    """Stands in for TRL's ``ChunkedLogProbFunction`` (only ``apply`` is used by TRL)."""
+
+    apply = staticmethod(fused_head)
+
+
+class _Refused:
+    """Stands in for a TRL head alignops does not cover: every call raises with the reason."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def apply(self, *args, **kwargs):
+        raise NotImplementedError(self.reason)
+
+
+# (owner, attribute name, original value) of every attribute replaced while enabled
+_saved: list[tuple[object, str, object]] = []
+
+
+def _set(owner, name: str, value) -> None:
+    if not any(o is owner and n == name for o, n, _ in _saved):
+        _saved.append((owner, name, vars(owner)[name]))
+    setattr(owner, name, value)
+
+
+class Switch:
+    """Returned by :func:`enable`; ``with enable(): ...`` disables on exit."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        disable()
+        return False
+
+
+def _hook_dpo_reference(lookup) -> None:
+    """DPOTrainer's reference precompute (``precompute_ref_log_probs=True``) asks ``lookup`` first."""
+    from trl import DPOTrainer
+
+    for o, n, value in _saved:
+        if o is DPOTrainer and n == "_precompute_ref_logps":
+            precompute = value
+            break
+    else:
+        precompute = DPOTrainer._precompute_ref_logps
+    for o, n, value in _saved:
+        if o is DPOTrainer and n == "__init__":
+            original_init = value
+            break
+    else:
+        original_init = DPOTrainer.__init__
+
+    def checked_init(self, *args, **kwargs):
+        cfg = kwargs.get("args", args[2] if len(args) > 2 else None)  # (model, ref_model, args, ...)
+        if cfg is None or not getattr(cfg, "precompute_ref_log_probs", False):
+            raise ValueError(
+                "alignops.bindings.trl.enable(dpo_reference=...): the lookup is used where DPOTrainer "
+                "precomputes reference log-probs; set DPOConfig(precompute_ref_log_probs=True)"
+            )
+        original_init(self, *args, **kwargs)
+
+    def looked_up(self, dataset, name, batch_size):
+        found = lookup(self, dataset, name)
+        if found is None:  # not in the lookup: TRL precomputes them (on alignops' head)
+            return precompute(self, dataset, name, batch_size)
+        missing = {"ref_chosen_logps", "ref_rejected_logps"} - set(found.column_names)
+        if missing or len(found) != len(dataset):
+            raise ValueError(
+                f"alignops.bindings.trl: the dpo_reference lookup returned a dataset of {len(found)} rows "
+                f"(expected {len(dataset)}) missing {sorted(missing)}"
+            )
+        return found
+
+    _set(DPOTrainer, "__init__", checked_init)
+    _set(DPOTrainer, "_precompute_ref_logps", looked_up)
+
+
+def enable(*, dpo_reference=None) -> Switch:
+    """Route every TRL trainer's fused LM head through alignops (idempotent).
+
+    Patches ``trl.trainer.utils._ChunkedLogProbFunction`` (the head ``add_fused_lm_head``'s forward
+    looks up on every call, so models patched earlier switch too) and refuses the
+    DistillationTrainer (construction and its divergence head) with the reason.
+
+    ``dpo_reference``: the hook for cached reference log-probs in DPOTrainer, a callable
+    ``(trainer, dataset, name) -> dataset | None``. Where the trainer precomputes its reference
+    log-probs (``DPOConfig(precompute_ref_log_probs=True)``, required: refused otherwise), it is
+    given the tokenized dataset (``prompt_ids``, ``chosen_ids``, ``rejected_ids`` in TRL 1.16)
+    and returns it with the columns ``ref_chosen_logps`` / ``ref_rejected_logps`` (summed over
+    each completion's tokens), or ``None`` for TRL to compute them (on alignops' head). The hook
+    stays until :func:`disable` (a later ``enable()`` without it keeps it).
+    """
+    import trl.trainer.utils as trl_utils
+
+    _set(trl_utils, "_ChunkedLogProbFunction", AlignopsLogProbFunction)
+    if dpo_reference is not None:
+        _hook_dpo_reference(dpo_reference)
+    try:
+        import trl.trainer.distillation_trainer as dist
+    except ImportError:  # a TRL without the DistillationTrainer: nothing to refuse
+        return Switch()
+    _set(dist, "ChunkedDivergenceFunction", _Refused(_UNSUPPORTED_DISTILLATION))
+
+    def refusing_init(self, *args, **kwargs):
+        raise NotImplementedError(_UNSUPPORTED_DISTILLATION)
+
+    if "__init__" in vars(dist.DistillationTrainer):
+        _set(dist.DistillationTrainer, "__init__", refusing_init)
+    return Switch()
+
+
+def disable() -> None:
+    """Put TRL's own heads back (idempotent)."""
+    while _saved:
+        owner, name, value = _saved.pop()
+        setattr(owner, name, value)
+
+
+def is_enabled() -> bool:
+    """Whether TRL's fused heads currently run on alignops."""
+    import trl.trainer.utils as trl_utils
+
+    return trl_utils._ChunkedLogProbFunction is AlignopsLogProbFunction
+
+
+@contextlib.contextmanager
+def count_head_calls():
+    """Count the forward calls of alignops' head and of TRL's ``ChunkedLogProbFunction``::
+
+    with count_head_calls() as calls:
+        trainer.train()
+    assert calls.trl == 0 and calls.alignops > 0
+    """
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction as trl_head
+
+    calls = HeadCalls()
+    original = vars(trl_head)["forward"]
+    forward = original.__func__ if isinstance(original, staticmethod) else original
+
+    def counting_forward(*args, **kwargs):
+        calls.trl += 1
+        return forward(*args, **kwargs)
+
+    trl_head.forward = staticmethod(counting_forward)
+    _counters.append(calls)
+    try:
+        yield calls
+    finally:
+        _counters.remove(calls)
+        trl_head.forward = original
+
+
+__all__ = [
+    "OUTPUTS",
+    "AlignopsLogProbFunction",
+    "HeadCalls",
+    "count_head_calls",
+    "disable",
+    "enable",
+    "fused_head",
+    "is_enabled",
+]
