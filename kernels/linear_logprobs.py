@@ -105,6 +105,7 @@ from ._common import (
     LogitOptions,
     StatRequest,
     TokenStats,
+    autocast_off,
     check_linear_inputs,
     empty,
 )
@@ -264,6 +265,7 @@ def _check(hidden, weight, targets, bias) -> tuple[int, int, int, torch.dtype]:
     return hidden.shape[0], weight.shape[0], hidden.shape[1], dot
 
 
+@autocast_off
 def linear_logprobs_fwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -349,6 +351,7 @@ def linear_logprobs_fwd(
     return stats
 
 
+@autocast_off
 def linear_logprobs_bwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,

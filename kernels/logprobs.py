@@ -52,6 +52,7 @@ from ._common import (
     LogitOptions,
     StatRequest,
     TokenStats,
+    autocast_off,
     check_logits_inputs,
     empty,
     rows_3d,
@@ -222,6 +223,7 @@ def _layout(x3: torch.Tensor) -> dict:
     return dict(T_inner=t, stride_b=x3.stride(0) if b > 1 else 0, stride_t=x3.stride(1) if t > 1 else 0)
 
 
+@autocast_off
 def logprobs_fwd(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -260,6 +262,7 @@ def logprobs_fwd(
     return stats
 
 
+@autocast_off
 def logprobs_bwd(
     logits: torch.Tensor,
     targets: torch.Tensor,

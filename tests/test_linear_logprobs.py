@@ -371,6 +371,32 @@ def test_autocast_bf16_activations_with_fp32_master_weight():
     assert_close("loss", ref, loss.detach(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["linear_logprobs", "logprobs"])
+def test_autocast_keeps_the_engine_statistics_in_float32(family):
+    """Inside an active bf16 autocast region the engine's float32 tiles and accumulators stay
+    float32 (only the matmul operands are 16-bit): entropy and log sum p^2 match float64 on the
+    bf16-rounded operands. Before the fix autocast rounded the tiles, an entropy error of ~1e-2."""
+    torch.manual_seed(3)
+    n, h, v = 37, 48, 1001
+    hidden = torch.randn(n, h).bfloat16()
+    w = torch.randn(v, h) / h**0.5
+    y = torch.randint(0, v, (n,))
+    logits64 = hidden.double() @ w.bfloat16().double().T
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if family == "linear_logprobs":
+            out = alignops.linear_logprobs(hidden, w, y, return_entropy=True, return_log_sum_p2=True)
+        else:
+            out = alignops.logprobs(logits64.float(), y, return_entropy=True, return_log_sum_p2=True)
+    logp, ent, lse = linear_logprobs_ref(hidden.double(), w.bfloat16().double(), y)
+    s2 = torch.logsumexp(2 * logits64, -1) - 2 * lse
+    for name, ref, got in (
+        ("logp", logp, out.logps),
+        ("entropy", ent, out.entropy),
+        ("s2", s2, out.log_sum_p2),
+    ):
+        assert_close(name, ref, got, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.slow
 def test_n_times_v_above_2_pow_31_cpu():
     """N * V > 2**31: offsets must not wrap. Reference computed row-block by row-block."""

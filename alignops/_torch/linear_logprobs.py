@@ -26,6 +26,7 @@ from ..kernels._common import (
     LogitOptions,
     StatRequest,
     TokenStats,
+    autocast_off,
     check_linear_inputs,
     check_saved,
     compute_dtype,
@@ -102,6 +103,7 @@ def _scatter(x: torch.Tensor | None, idx: torch.Tensor, n: int, fill) -> torch.T
     return out.index_copy_(0, idx, x)
 
 
+@autocast_off
 def linear_logprobs_fwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -158,6 +160,7 @@ def _fwd_rows(
     return stats.finish(v)
 
 
+@autocast_off
 def linear_logprobs_bwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -15,6 +15,7 @@ from ..kernels._common import (
     LogitOptions,
     StatRequest,
     TokenStats,
+    autocast_off,
     check_logits_inputs,
     check_saved,
     compute_dtype,
@@ -40,6 +41,7 @@ def _row_blocks(x3: torch.Tensor, cdt: torch.dtype):
             yield b, t0, min(T, t0 + rows), b * T + t0
 
 
+@autocast_off
 def logprobs_fwd(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -60,6 +62,7 @@ def logprobs_fwd(
     return stats.finish(V)
 
 
+@autocast_off
 def logprobs_bwd(
     logits: torch.Tensor,
     targets: torch.Tensor,
