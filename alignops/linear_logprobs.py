@@ -157,7 +157,8 @@ def linear_logprobs(
             a float in ``(0, 1)``: that ``t``. Each dropped entry of the raw-logit gradient is at
             most ``t`` times its row's coefficient (``|g_lse - g_logp|`` for log-prob / lse
             gradients; with an entropy or ``log_sum_p2`` gradient the coefficient also carries
-            ``|z - E_p z|`` / ``2``). Never applied with a ``zmean`` gradient (label smoothing).
+            ``|z - E_p z|`` / ``2``). Never applied when the mean logit is computed (label
+            smoothing, ``return_mean_logit``).
             Tiles: ``[BN, BV]`` blocks on the Triton path (64 x 128 by default), one
             vocabulary column of a token chunk on the torch engine. Deterministic: the same
             inputs skip the same tiles and sum in the same order. Not applied with a process group.

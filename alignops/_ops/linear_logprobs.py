@@ -78,7 +78,9 @@ def _(hidden, weight, targets, bias, *args):
 def _setup_context(ctx, inputs, output):
     hidden, weight, targets, bias, *args = inputs
     ctx.opts, ctx.n_options = tuple(args[:4]), len(args)
-    ctx.grad_filter = args[8] if len(args) > 8 else 0.0
+    # a mean-logit gradient reaches every vocabulary entry: no tile may be skipped when it is asked for
+    want_zmean = bool(args[5])
+    ctx.grad_filter = args[8] if len(args) > 8 and not want_zmean else 0.0
     ctx.save_for_backward(hidden, weight, targets, bias, output[1], output[2], output[4])
     c.setup_stats_context(ctx, output)
 
@@ -91,10 +93,9 @@ def _backward(ctx, *grads):
     if need_dh or need_dw or need_db:
         inputs = (hidden, weight, targets, bias, *saved)
         g = grads[: len(c.GRAD_FIELDS)]
-        # a mean-logit gradient reaches every vocabulary entry: no tile may be skipped
-        zmean_grad = g[c.GRAD_FIELDS.index("zmean")] is not None
-        grad_filter = 0.0 if zmean_grad else ctx.grad_filter
-        dh, dw, db = linear_logprobs_bwd_op(*inputs, *g, *ctx.opts, need_dh, need_dw, need_db, grad_filter)
+        dh, dw, db = linear_logprobs_bwd_op(
+            *inputs, *g, *ctx.opts, need_dh, need_dw, need_db, ctx.grad_filter
+        )
     return (dh if need_dh else None, dw if need_dw else None, None, db if need_db else None) + c.no_grads(ctx)
 
 
