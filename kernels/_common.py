@@ -338,3 +338,67 @@ def rows_3d_like(out: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
         if d3.shape != x3.shape:
             raise ValueError("out must have the logits' layout (or be contiguous)") from None
         return d3
+
+
+# ----------------------------------------------------------------------------------------------
+# the divergence family (two heads: p = student / policy, trained; q = teacher / reference, frozen)
+# ----------------------------------------------------------------------------------------------
+
+#: The divergences of the ``linear_divergence`` family (module docstring of
+#: ``alignops/_torch/linear_divergence.py`` has the math and the passes each takes).
+DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "jsd", "tv", "alpha", "f")
+#: Named generators of ``kind="f"``: ``D_f(p || q) = sum_v q_v f(p_v / q_v)``.
+F_GENERATORS = ("kl", "reverse_kl", "hellinger", "chi2", "js", "tv")
+
+
+@dataclass(frozen=True)
+class DivergenceOptions:
+    """Which per-token divergence between the student ``p`` and the teacher ``q`` to compute.
+
+    * ``"forward_kl"``: ``KL(q || p) = sum_v q_v log(q_v / p_v)`` (teacher -> student, standard KD);
+    * ``"reverse_kl"``: ``KL(p || q)``;
+    * ``"jsd"``: the generalized Jensen-Shannon divergence with the mixture
+      ``m = (1 - beta) p + beta q``: ``beta KL(q || m) + (1 - beta) KL(p || m)`` (Agarwal et al.,
+      2024, arXiv:2306.13649, as TRL's ``ChunkedDivergenceFunction`` writes it); ``beta = 0`` is
+      exactly ``KL(q || p)`` and ``beta = 1`` exactly ``KL(p || q)`` (TRL's convention: the
+      mixture formula itself tends to 0 at both ends);
+    * ``"tv"``: total variation ``(1 / 2) sum_v |p_v - q_v|``;
+    * ``"alpha"``: Amari's alpha-divergence
+      ``(1 - sum_v p_v^alpha q_v^(1 - alpha)) / (alpha (1 - alpha))`` (Amari, 1985; Cichocki and
+      Amari, 2010, doi:10.3390/e12061532); ``alpha = 1`` is ``KL(p || q)``, ``alpha = 0`` is
+      ``KL(q || p)`` (the limits);
+    * ``"f"``: Csiszar's f-divergence ``sum_v q_v f(p_v / q_v)`` (Csiszar, 1967) for one of the
+      named ``generator`` s of :data:`F_GENERATORS`.
+
+    Validated on construction (a clear ``ValueError``); frozen."""
+
+    kind: str
+    beta: float = 0.5
+    alpha: float = 0.5
+    generator: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in DIVERGENCE_KINDS:
+            raise ValueError(f"unknown divergence kind {self.kind!r}; expected one of {DIVERGENCE_KINDS}")
+        object.__setattr__(self, "beta", check_number("beta", self.beta, lo=0.0, lo_open=False, hi=1.0))
+        object.__setattr__(self, "alpha", check_number("alpha", self.alpha, lo=-math.inf, lo_open=True))
+        if self.kind == "f":
+            if self.generator not in F_GENERATORS:
+                raise ValueError(f"kind='f' needs generator one of {F_GENERATORS}, got {self.generator!r}")
+        elif self.generator is not None:
+            raise ValueError(f"generator is only used with kind='f', got kind={self.kind!r}")
+
+
+class DivStats(NamedTuple):
+    """Per-token outputs of the divergence family, in the compute dtype (float32, or float64 for
+    float64 inputs); rows with ``valid = False`` hold 0.
+
+    div:       ``[N]`` the divergence of :class:`DivergenceOptions`;
+    lse_p:     ``[N]`` ``log sum_v exp(z^p_v)`` of the student;
+    lse_q:     ``[N]`` the teacher's, or ``None`` for a sparse (top-k) teacher;
+    entropy_p: ``[N]`` the student's entropy ``-sum_v p_v log p_v``, or ``None`` when not asked."""
+
+    div: torch.Tensor
+    lse_p: torch.Tensor
+    lse_q: torch.Tensor | None
+    entropy_p: torch.Tensor | None
