@@ -402,3 +402,50 @@ class DivStats(NamedTuple):
     lse_p: torch.Tensor
     lse_q: torch.Tensor | None
     entropy_p: torch.Tensor | None
+
+
+def _check_head(which: str, hidden, weight, bias) -> torch.dtype:
+    _check_tensor(f"h_{which}", hidden)
+    _check_tensor(f"w_{which}", weight)
+    dot = matmul_dtype(hidden.dtype, weight.dtype)
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise ValueError(
+            f"h_{which} must be [N, H] and w_{which} [V, H], "
+            f"got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden size mismatch: h_{which} is [N, {hidden.shape[1]}] "
+            f"but w_{which} is {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"w_{which} has an empty vocabulary or hidden size: {tuple(weight.shape)}")
+    if bias is not None:
+        _check_tensor(f"b_{which}", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"b_{which} must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if (hidden.numel() and hidden.stride(-1) != 1) or weight.stride(-1) != 1:
+        raise ValueError(f"h_{which} and w_{which} must be contiguous in their last dimension")
+    return dot
+
+
+def check_divergence_inputs(h_p, w_p, b_p, h_q, w_q, b_q, valid) -> tuple[torch.dtype, torch.dtype | None]:
+    """The two heads of the divergence family: ``h_p [N, Hp]``, ``w_p [V, Hp]``, ``b_p [V]`` or
+    None, and the same for ``q`` with its own hidden size (``h_q`` / ``w_q`` None for a sparse
+    teacher); ``valid [N]`` bool; one device. Returns the matmul dtype of each head."""
+    dot_p = _check_head("p", h_p, w_p, b_p)
+    dot_q = None
+    if w_q is not None:
+        dot_q = _check_head("q", h_q, w_q, b_q)
+        if w_q.shape[0] != w_p.shape[0]:
+            raise ValueError(
+                f"vocabulary size mismatch: the student head has V = {w_p.shape[0]}, the teacher's "
+                f"V = {w_q.shape[0]}"
+            )
+        if h_q.shape[0] != h_p.shape[0]:
+            raise ValueError(f"token count mismatch: h_p has {h_p.shape[0]} rows, h_q has {h_q.shape[0]}")
+    _check_tensor("valid", valid, dtypes=(torch.bool,))
+    if tuple(valid.shape) != (h_p.shape[0],):
+        raise ValueError(f"valid must be [N] = [{h_p.shape[0]}] bool, got {tuple(valid.shape)}")
+    _check_one_device(h_p=h_p, w_p=w_p, b_p=b_p, h_q=h_q, w_q=w_q, b_q=b_q, valid=valid)
+    return dot_p, dot_q
