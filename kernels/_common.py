@@ -449,3 +449,23 @@ def check_divergence_inputs(h_p, w_p, b_p, h_q, w_q, b_q, valid) -> tuple[torch.
         raise ValueError(f"valid must be [N] = [{h_p.shape[0]}] bool, got {tuple(valid.shape)}")
     _check_one_device(h_p=h_p, w_p=w_p, b_p=b_p, h_q=h_q, w_q=w_q, b_q=b_q, valid=valid)
     return dot_p, dot_q
+
+
+def check_logits_pair(logits_p, logits_q, valid) -> None:
+    """Both heads' logits ``[N, V]`` (same shape, contiguous rows' last dimension) and ``valid [N]``."""
+    _check_tensor("logits_p", logits_p)
+    _check_tensor("logits_q", logits_q)
+    if logits_p.dim() != 2 or logits_p.shape[1] == 0:
+        raise ValueError(f"logits_p must be [N, V] with V > 0, got {tuple(logits_p.shape)}")
+    if logits_q.dim() != 2 or logits_q.shape[1] != logits_p.shape[1]:
+        raise ValueError(
+            f"vocabulary size mismatch: logits_p is {tuple(logits_p.shape)}, logits_q {tuple(logits_q.shape)}"
+        )
+    if logits_q.shape[0] != logits_p.shape[0]:
+        raise ValueError(
+            f"token count mismatch: logits_p has {logits_p.shape[0]} rows, logits_q {logits_q.shape[0]}"
+        )
+    _check_tensor("valid", valid, dtypes=(torch.bool,))
+    if tuple(valid.shape) != (logits_p.shape[0],):
+        raise ValueError(f"valid must be [N] = [{logits_p.shape[0]}] bool, got {tuple(valid.shape)}")
+    _check_one_device(logits_p=logits_p, logits_q=logits_q, valid=valid)

@@ -68,7 +68,9 @@ from ..kernels._common import (
     LogitOptions,
     StatRequest,
     check_divergence_inputs,
+    check_logits_pair,
     compute_dtype,
+    empty,
 )
 from ._tiles import GradSink, OnlineStats, _rowdot, transform_
 from .linear_logprobs import _Operands, _plan
@@ -120,21 +122,21 @@ class _Tile:
 
 
 class _Pair:
-    """Both heads' operands, the tile plan and the tile buffers. :meth:`tiles` yields the two
-    transformed logit tiles of every (vocab block, token chunk), floored at :data:`NEG`."""
+    """Both heads' operands (:class:`_Operands` of hidden states and a weight, or
+    :class:`_LogitsOperand`), the tile plan and the tile buffers. :meth:`tiles` yields the two
+    transformed logit tiles of every (vocab block, token chunk), floored at :data:`NEG`.
+    ``width``: the student's hidden size (logits: ``N V / (N + V)``), so that the workspace is
+    bounded by the student's gradients exactly as in the log-prob engine."""
 
-    def __init__(self, h_p, w_p, b_p, h_q, w_q, b_q, opts_p, opts_q, dots, cdt, nscratch, keep_th):
-        n, hp = h_p.shape
-        self.n, self.v, self.cdt = n, w_p.shape[0], cdt
+    def __init__(self, p, q, n, v, width, opts_p, opts_q, cdt, nscratch, keep_th, device):
+        self.n, self.v, self.cdt = n, v, cdt
         self.opts_p, self.opts_q = opts_p, opts_q
-        self.p = _Operands(h_p, w_p, b_p, dots[0], cdt)
-        self.q = _Operands(h_q, w_q, b_q, dots[1], cdt)
+        self.p, self.q = p, q
         self.th_p = keep_th and opts_p.softcap is not None
         self.th_q = keep_th and opts_q.softcap is not None
         nbuf = 2 + int(self.th_p) + int(self.th_q) + nscratch
-        # the workspace bound of the log-prob engine, from the gradients of the student head
-        self.C, self.VB = _plan(n, self.v, hp, torch.finfo(cdt).bits // 8, nbuf)
-        self.bufs = [torch.empty(self.C * self.VB, dtype=cdt, device=h_p.device) for _ in range(nbuf)]
+        self.C, self.VB = _plan(n, v, width, torch.finfo(cdt).bits // 8, nbuf)
+        self.bufs = [torch.empty(self.C * self.VB, dtype=cdt, device=device) for _ in range(nbuf)]
 
     def tiles(self, bad: torch.Tensor | None = None, zero_side: str | None = None, sinks=()):
         for v0 in range(0, self.v, self.VB):
@@ -167,6 +169,46 @@ class _Pair:
                 yield t
             for s in sinks:
                 s.end(v0, v1)
+
+
+class _LogitsOperand:
+    """Logits given by the caller ``[N, V]``: a tile is a copy of a block (in the compute dtype)."""
+
+    h = None
+
+    def __init__(self, logits: torch.Tensor):
+        self.x = logits
+
+    def weight_block(self, v0: int, v1: int) -> None:
+        return None
+
+    def raw(self, c0, c1, v0, v1, wb, out):
+        return out.copy_(self.x[c0:c1, v0:v1])
+
+
+class _LogitsSink:
+    """The gradient of caller-given logits: each tile ``dr`` is written once into its block."""
+
+    def __init__(self, logits: torch.Tensor, need: bool):
+        self.d = empty(logits.shape, dtype=logits.dtype, device=logits.device) if need else None
+        if self.d is not None and logits.shape[0] == 0:
+            self.d.zero_()
+
+    @property
+    def active(self) -> bool:
+        return self.d is not None
+
+    def begin(self, nv: int) -> None:
+        pass
+
+    def end(self, v0: int, v1: int) -> None:
+        pass
+
+    def add(self, dr, h_rows, wb, c0: int, c1: int, v0: int, v1: int) -> None:
+        self.d[c0:c1, v0:v1].copy_(dr)
+
+    def result(self):
+        return (self.d,)
 
 
 def _jsd_u(delta: torch.Tensor, beta: float, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -205,29 +247,10 @@ def _raw_lse(st: OnlineStats) -> torch.Tensor:
     return st.m + torch.log(st.s)
 
 
-def linear_divergence_fwd(
-    h_p: torch.Tensor,
-    w_p: torch.Tensor,
-    b_p: torch.Tensor | None,
-    h_q: torch.Tensor,
-    w_q: torch.Tensor,
-    b_q: torch.Tensor | None,
-    valid: torch.Tensor,
-    opts_p: LogitOptions,
-    opts_q: LogitOptions,
-    div: DivergenceOptions,
-    *,
-    want_entropy: bool = False,
-    config=None,
-) -> DivStats:
-    """Per-token :class:`DivStats` of ``h_p [N, Hp]``, ``w_p [V, Hp]`` (student) against
-    ``h_q [N, Hq]``, ``w_q [V, Hq]`` (teacher), zero where ``valid [N]`` is False. ``config`` is
-    accepted for the launchers' signature and unused here."""
-    dots = check_divergence_inputs(h_p, w_p, b_p, h_q, w_q, b_q, valid)
+def _forward(pair: _Pair, valid, div: DivergenceOptions, want_entropy: bool) -> DivStats:
     base, prm, scale = resolve(div)
-    n, v = h_p.shape[0], w_p.shape[0]
-    cdt = compute_dtype(h_p, w_p, b_p, h_q, w_q, b_q)
-    dev = h_p.device
+    n, v, cdt = pair.n, pair.v, pair.cdt
+    dev = valid.device
     idx = torch.zeros(n, dtype=torch.int64, device=dev)
     sp = OnlineStats(idx, valid, cdt, StatRequest(entropy=want_entropy))
     sq = OnlineStats(idx, valid, cdt, NOTHING_EXTRA)
@@ -235,7 +258,6 @@ def linear_divergence_fwd(
     acc = torch.zeros(n, dtype=cdt, device=dev)
     side = _zero_side(base, prm)
     bad = torch.zeros(n, dtype=torch.bool, device=dev) if side is not None else None
-    pair = _Pair(h_p, w_p, b_p, h_q, w_q, b_q, opts_p, opts_q, dots, cdt, 3, keep_th=False)
     for t in pair.tiles(bad, side):
         c0, c1, v0, v1, rows = t.c0, t.c1, t.v0, t.v1, slice(t.c0, t.c1)
         e_buf = t.s[1] if want_entropy else None
@@ -271,12 +293,56 @@ def linear_divergence_fwd(
     if bad is not None:
         d = torch.where(bad, math.inf, d)
     zero = torch.zeros((), dtype=cdt, device=dev)
-    ent = None
-    if want_entropy:
-        ent = sp.finish(v).entropy
+    ent = sp.finish(v).entropy if want_entropy else None
     return DivStats(
         torch.where(valid, d, zero), torch.where(valid, lse_p, zero), torch.where(valid, lse_q, zero), ent
     )
+
+
+def linear_divergence_fwd(
+    h_p: torch.Tensor,
+    w_p: torch.Tensor,
+    b_p: torch.Tensor | None,
+    h_q: torch.Tensor,
+    w_q: torch.Tensor,
+    b_q: torch.Tensor | None,
+    valid: torch.Tensor,
+    opts_p: LogitOptions,
+    opts_q: LogitOptions,
+    div: DivergenceOptions,
+    *,
+    want_entropy: bool = False,
+    config=None,
+) -> DivStats:
+    """Per-token :class:`DivStats` of ``h_p [N, Hp]``, ``w_p [V, Hp]`` (student) against
+    ``h_q [N, Hq]``, ``w_q [V, Hq]`` (teacher), zero where ``valid [N]`` is False. ``config`` is
+    accepted for the launchers' signature and unused here."""
+    pair = _linear_pair(h_p, w_p, b_p, h_q, w_q, b_q, valid, opts_p, opts_q, 3, False)
+    return _forward(pair, valid, div, want_entropy)
+
+
+def _linear_pair(h_p, w_p, b_p, h_q, w_q, b_q, valid, opts_p, opts_q, nscratch, keep_th) -> _Pair:
+    dots = check_divergence_inputs(h_p, w_p, b_p, h_q, w_q, b_q, valid)
+    cdt = compute_dtype(h_p, w_p, b_p, h_q, w_q, b_q)
+    p, q = _Operands(h_p, w_p, b_p, dots[0], cdt), _Operands(h_q, w_q, b_q, dots[1], cdt)
+    n, hp = h_p.shape
+    return _Pair(p, q, n, w_p.shape[0], hp, opts_p, opts_q, cdt, nscratch, keep_th, h_p.device)
+
+
+def _logits_pair(logits_p, logits_q, valid, opts_p, opts_q, nscratch, keep_th) -> _Pair:
+    check_logits_pair(logits_p, logits_q, valid)
+    n, v = logits_p.shape
+    width = max(1, (n * v) // max(1, n + v))
+    cdt = compute_dtype(logits_p, logits_q)
+    p, q = _LogitsOperand(logits_p), _LogitsOperand(logits_q)
+    return _Pair(p, q, n, v, width, opts_p, opts_q, cdt, nscratch, keep_th, logits_p.device)
+
+
+def logits_divergence_fwd(logits_p, logits_q, valid, opts_p, opts_q, div, *, want_entropy=False) -> DivStats:
+    """:func:`linear_divergence_fwd` for callers holding the logits ``[N, V]`` of both heads: the
+    same tiles, read from the logits instead of computed (no ``[N, V]`` temporary)."""
+    pair = _logits_pair(logits_p, logits_q, valid, opts_p, opts_q, 3, False)
+    return _forward(pair, valid, div, want_entropy)
 
 
 def _tile_grads(t: _Tile, base: str, prm: float, rows, k, need_p: bool, need_q: bool):
@@ -337,6 +403,50 @@ def _chain_(dz: torch.Tensor, th, opts: LogitOptions) -> torch.Tensor:
     return dz
 
 
+def _backward(pair: _Pair, valid, saved: DivStats, g_div, g_entropy, div, sink_p, sink_q) -> None:
+    if g_entropy is not None and saved.entropy_p is None:
+        raise ValueError("a gradient of the entropy needs the forward's entropy_p")
+    base, prm, scale = resolve(div)
+    n, cdt, dev = pair.n, pair.cdt, valid.device
+    zero = torch.zeros((), dtype=cdt, device=dev)
+    d_saved = saved.div.to(cdt)
+    finite = valid & torch.isfinite(d_saved)
+    g = (
+        torch.zeros(n, dtype=cdt, device=dev)
+        if g_div is None
+        else torch.where(finite, g_div.to(cdt) * scale, zero)
+    )
+    ge = torch.where(valid, g_entropy.to(cdt), zero) if g_entropy is not None else None
+    need_p, need_q = sink_p.active, sink_q.active
+    if not (need_p or need_q):
+        return
+    big = torch.full((), _BIG, dtype=cdt, device=dev)
+    lse_p = torch.where(valid, saved.lse_p.to(cdt), big)
+    lse_q = torch.where(valid, saved.lse_q.to(cdt), big)
+    k = {"d": torch.where(finite, d_saved / scale, zero)}
+    if base == "alpha":
+        k["S"] = 1.0 - prm * (1.0 - prm) * k["d"]
+    elif base in ("jsd", "tv"):
+        k["a"], k["b"] = _row_sums(pair, base, prm, lse_p, lse_q)
+    ent = None if ge is None else torch.where(valid, saved.entropy_p.to(cdt), zero)
+    hp, hq = pair.p.h, pair.q.h
+    for t in pair.tiles(sinks=[s for s in (sink_p, sink_q) if s.active]):
+        c0, c1, rows = t.c0, t.c1, slice(t.c0, t.c1)
+        t.zp.sub_(lse_p[rows].unsqueeze(1))
+        t.zq.sub_(lse_q[rows].unsqueeze(1))
+        p, dzp, dzq = _tile_grads(t, base, prm, rows, k, need_p, need_q)
+        if need_p:
+            dzp.mul_(g[rows].unsqueeze(1))
+            if ge is not None:  # -g_H p (lp + H), in lp's buffer
+                dzp.add_(t.zp.add_(ent[rows].unsqueeze(1)).mul_(p).mul_(-ge[rows].unsqueeze(1)))
+            rows_h = None if hp is None else hp[c0:c1]
+            sink_p.add(_chain_(dzp, t.thp, pair.opts_p), rows_h, t.wbp, c0, c1, t.v0, t.v1)
+        if need_q:
+            dzq.mul_(g[rows].unsqueeze(1))
+            rows_h = None if hq is None else hq[c0:c1]
+            sink_q.add(_chain_(dzq, t.thq, pair.opts_q), rows_h, t.wbq, c0, c1, t.v0, t.v1)
+
+
 def linear_divergence_bwd(
     h_p,
     w_p,
@@ -362,70 +472,23 @@ def linear_divergence_bwd(
 ):
     """``(dh_p, dw_p, db_p, dh_q, dw_q, db_q)`` (each None unless asked) of
     ``sum_n g_div[n] div[n] + g_entropy[n] entropy_p[n]``, in the input dtypes."""
-    dots = check_divergence_inputs(h_p, w_p, b_p, h_q, w_q, b_q, valid)
-    if g_entropy is not None and saved.entropy_p is None:
-        raise ValueError("a gradient of the entropy needs the forward's entropy_p")
-    base, prm, scale = resolve(div)
-    n = h_p.shape[0]
-    cdt = compute_dtype(h_p, w_p, b_p, h_q, w_q, b_q)
-    dev = h_p.device
-    zero = torch.zeros((), dtype=cdt, device=dev)
-    d_saved = saved.div.to(cdt)
-    finite = valid & torch.isfinite(d_saved)
-    g = (
-        torch.zeros(n, dtype=cdt, device=dev)
-        if g_div is None
-        else torch.where(finite, g_div.to(cdt) * scale, zero)
-    )
-    ge = torch.where(valid, g_entropy.to(cdt), zero) if g_entropy is not None else None
-    big = torch.full((), _BIG, dtype=cdt, device=dev)
-    lse_p = torch.where(valid, saved.lse_p.to(cdt), big)
-    lse_q = torch.where(valid, saved.lse_q.to(cdt), big)
-    pair = _Pair(h_p, w_p, b_p, h_q, w_q, b_q, opts_p, opts_q, dots, cdt, 4, keep_th=True)
-    one = pair.C >= n
+    pair = _linear_pair(h_p, w_p, b_p, h_q, w_q, b_q, valid, opts_p, opts_q, 4, True)
+    one, vb, cdt = pair.C >= pair.n, pair.VB, pair.cdt
     sink_p = GradSink(
-        h_p,
-        w_p,
-        b_p,
-        need_dh=need_dh_p,
-        need_dw=need_dw_p,
-        need_db=need_db_p,
-        one_chunk=one,
-        vb=pair.VB,
-        cdt=cdt,
+        h_p, w_p, b_p, need_dh=need_dh_p, need_dw=need_dw_p, need_db=need_db_p, one_chunk=one, vb=vb, cdt=cdt
     )
     sink_q = GradSink(
-        h_q,
-        w_q,
-        b_q,
-        need_dh=need_dh_q,
-        need_dw=need_dw_q,
-        need_db=need_db_q,
-        one_chunk=one,
-        vb=pair.VB,
-        cdt=cdt,
+        h_q, w_q, b_q, need_dh=need_dh_q, need_dw=need_dw_q, need_db=need_db_q, one_chunk=one, vb=vb, cdt=cdt
     )
-    need_p, need_q = sink_p.active, sink_q.active
-    k = {"d": torch.where(finite, d_saved / scale, zero)}
-    if base == "alpha":
-        k["S"] = 1.0 - prm * (1.0 - prm) * k["d"]
-    elif base in ("jsd", "tv"):
-        k["a"], k["b"] = _row_sums(pair, base, prm, lse_p, lse_q)
-    ent = None if ge is None else torch.where(valid, saved.entropy_p.to(cdt), zero)
-    if need_p or need_q:
-        for t in pair.tiles(sinks=[s for s in (sink_p, sink_q) if s.active]):
-            rows = slice(t.c0, t.c1)
-            t.zp.sub_(lse_p[rows].unsqueeze(1))
-            t.zq.sub_(lse_q[rows].unsqueeze(1))
-            p, dzp, dzq = _tile_grads(t, base, prm, rows, k, need_p, need_q)
-            if need_p:
-                dzp.mul_(g[rows].unsqueeze(1))
-                if ge is not None:  # -g_H p (lp + H), in lp's buffer
-                    dzp.add_(t.zp.add_(ent[rows].unsqueeze(1)).mul_(p).mul_(-ge[rows].unsqueeze(1)))
-                sink_p.add(_chain_(dzp, t.thp, opts_p), pair.p.h[t.c0 : t.c1], t.wbp, t.c0, t.c1, t.v0, t.v1)
-            if need_q:
-                dzq.mul_(g[rows].unsqueeze(1))
-                sink_q.add(_chain_(dzq, t.thq, opts_q), pair.q.h[t.c0 : t.c1], t.wbq, t.c0, t.c1, t.v0, t.v1)
-    dh_p, dw_p, db_p = sink_p.result()
-    dh_q, dw_q, db_q = sink_q.result()
-    return dh_p, dw_p, db_p, dh_q, dw_q, db_q
+    _backward(pair, valid, saved, g_div, g_entropy, div, sink_p, sink_q)
+    return sink_p.result() + sink_q.result()
+
+
+def logits_divergence_bwd(
+    logits_p, logits_q, valid, saved: DivStats, g_div, g_entropy, opts_p, opts_q, div, *, need_dp, need_dq
+):
+    """``(dlogits_p, dlogits_q)`` (None unless asked) for :func:`logits_divergence_fwd`."""
+    pair = _logits_pair(logits_p, logits_q, valid, opts_p, opts_q, 4, True)
+    sink_p, sink_q = _LogitsSink(logits_p, need_dp), _LogitsSink(logits_q, need_dq)
+    _backward(pair, valid, saved, g_div, g_entropy, div, sink_p, sink_q)
+    return sink_p.result() + sink_q.result()
