@@ -12,7 +12,7 @@ helpers ``alignops.rl`` work on those, so cached reference log-probs plug in unc
 from . import losses  # noqa: F401  (the catalog: alignops.losses.dpo_loss, ...)
 from .fused import grpo_loss_from_hidden, ppo_loss_from_hidden
 from .kernels._common import DivergenceOptions, DivStats, LogitOptions, TokenStats
-from .linear_divergence import DivergenceOutput, divergence, linear_divergence
+from .linear_divergence import DivergenceOutput, divergence, linear_divergence, sparse_divergence
 from .linear_logprobs import LogProbsOutput, linear_cross_entropy, linear_logprobs
 from .logprobs import cross_entropy, logprobs
 from .rl import (
@@ -44,6 +44,7 @@ __all__ = [
     "DivergenceOutput",
     "divergence",
     "linear_divergence",
+    "sparse_divergence",
     "GAEOutput",
     "LogProbsOutput",
     "LogitOptions",

@@ -22,7 +22,11 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from ._ops.linear_divergence import linear_divergence_fwd_op, logits_divergence_fwd_op
+from ._ops.linear_divergence import (
+    linear_divergence_fwd_op,
+    logits_divergence_fwd_op,
+    sparse_divergence_fwd_op,
+)
 from .kernels._common import DivergenceOptions, LogitOptions, rows_2d
 
 DivReduction = Literal["none", "sum", "mean", "batchmean"]
@@ -218,4 +222,58 @@ def divergence(
     return _finish(out, valid, lead, reduction, num_items, return_entropy)
 
 
-__all__ = ["DivergenceOutput", "divergence", "linear_divergence"]
+def sparse_divergence(
+    h_p: torch.Tensor,
+    w_p: torch.Tensor,
+    q_ids: torch.Tensor,
+    q_logps: torch.Tensor,
+    *,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.5,
+    generator: str | None = None,
+    b_p: torch.Tensor | None = None,
+    temperature_p: float = 1.0,
+    softcap_p: float | None = None,
+    logit_scale_p: float = 1.0,
+    mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: DivReduction = "mean",
+    num_items: int | float | torch.Tensor | None = None,
+    return_entropy: bool = False,
+) -> DivergenceOutput:
+    """:func:`linear_divergence` against a teacher given only by its top-``K`` per token:
+    ``q_ids [..., K]`` (int, in ``[0, V)``, distinct per row) and ``q_logps [..., K]`` (its
+    log-probabilities, e.g. read from a cache; ``-inf`` marks an unused slot). The rest of the
+    teacher's mass is one tail outcome: the divergence is taken between both distributions
+    coarse-grained onto the ``K`` ids plus the tail (``alignops/_torch/sparse_divergence.py``), a
+    lower bound of the full divergence, equal to it when ``K = V``. Gradients flow to the student
+    only. Same options, masks, reductions and outputs as :func:`linear_divergence`."""
+    check_reduction(reduction, num_items)
+    div = _div_args(kind, beta, alpha, generator)
+    if (
+        not isinstance(h_p, torch.Tensor)
+        or not isinstance(q_ids, torch.Tensor)
+        or not isinstance(q_logps, torch.Tensor)
+    ):
+        raise TypeError("h_p, q_ids and q_logps must be tensors")
+    lead = tuple(h_p.shape[:-1])
+    if q_ids.dim() < 1 or tuple(q_ids.shape[:-1]) != lead:
+        raise ValueError(
+            f"token count mismatch: h_p is {tuple(h_p.shape)}, q_ids {tuple(q_ids.shape)} (want [..., K])"
+        )
+    if tuple(q_logps.shape) != tuple(q_ids.shape):
+        raise ValueError(f"q_logps {tuple(q_logps.shape)} must have q_ids' shape {tuple(q_ids.shape)}")
+    k = q_ids.shape[-1]
+    valid = token_mask(lead, h_p.device, mask, labels, ignore_index)
+    out = sparse_divergence_fwd_op(
+        rows_2d(h_p), w_p, b_p, q_ids.reshape(-1, k), q_logps.reshape(-1, k),
+        valid, *_head_opts(temperature_p, softcap_p, logit_scale_p), *div, return_entropy,
+    )  # fmt: skip
+    div_, _, ent = out
+    loss = reduce_divergence(div_, valid, lead, reduction, num_items)
+    return DivergenceOutput(loss, ent.view(lead) if return_entropy else None)
+
+
+__all__ = ["DivergenceOutput", "divergence", "linear_divergence", "sparse_divergence"]

@@ -1,6 +1,7 @@
 """The divergence family as custom ops with autograd: ``alignops::linear_divergence_fwd`` /
-``_bwd`` (two heads from hidden states and weights) and ``alignops::logits_divergence_fwd`` /
-``_bwd`` (caller-given logits). Fake implementations give shapes for ``torch.compile``.
+``_bwd`` (two heads from hidden states and weights), ``alignops::logits_divergence_fwd`` /
+``_bwd`` (caller-given logits) and ``alignops::sparse_divergence_fwd`` / ``_bwd`` (a top-k teacher).
+Fake implementations give shapes for ``torch.compile``.
 
 Engine seam: CUDA tensors use the Triton launchers of ``alignops.kernels.linear_divergence``
 when that module exists, and the PyTorch engine until then (:func:`_engine`); the logits
@@ -15,6 +16,7 @@ import torch
 
 from .._dispatch import use_triton
 from .._torch import linear_divergence as torch_engine
+from .._torch import sparse_divergence as sparse_engine
 from ..kernels._common import DivergenceOptions, DivStats
 from . import _common as c
 
@@ -193,3 +195,81 @@ def _lbackward(ctx, g_div, g_lse_p, g_lse_q, g_ent):
 
 
 logits_divergence_fwd_op.register_autograd(_lbackward, setup_context=_lsetup)
+
+
+# ---------------------------------------------------------------------------------------------
+# the sparse (top-k) teacher: PyTorch engine on every device for now
+# ---------------------------------------------------------------------------------------------
+
+_SPARSE = "Tensor h_p, Tensor w_p, Tensor? b_p, Tensor q_ids, Tensor q_logps, Tensor valid"
+_OPTS1 = _OPTS2.split(", int ignore_index_q")[0]
+
+
+def _sfwd(h_p, w_p, b_p, q_ids, q_logps, valid, *args):
+    op, div, want_entropy = c.options(args[:4]), DivergenceOptions(*args[4:8]), args[8]
+    st = sparse_engine.sparse_divergence_fwd(
+        h_p, w_p, b_p, q_ids, q_logps, valid, op, div, want_entropy=want_entropy
+    )
+    like = h_p.new_empty(0, dtype=st.div.dtype)
+    return st.div, st.lse_p, c.pack(st.entropy_p, like)
+
+
+def _sbwd(h_p, w_p, b_p, q_ids, q_logps, valid, div_, lse_p, ent, g_div, g_ent, *args):
+    op, div, (need_dh, need_dw, need_db) = c.options(args[:4]), DivergenceOptions(*args[4:8]), args[8:]
+    saved = DivStats(div_, lse_p, None, c.unpack(ent, h_p.shape[0]))
+    out = sparse_engine.sparse_divergence_bwd(
+        h_p, w_p, b_p, q_ids, q_logps, valid, saved, g_div, g_ent, op, div,
+        need_dh_p=need_dh, need_dw_p=need_dw, need_db_p=need_db,
+    )  # fmt: skip
+    return tuple(c.pack(t, h_p) for t in out)
+
+
+sparse_divergence_fwd_op = c.custom_op(
+    "sparse_divergence_fwd",
+    _sfwd,
+    f"{_SPARSE}, {_OPTS1}, {_DIV}, bool want_entropy",
+    "(Tensor, Tensor, Tensor)",
+)
+sparse_divergence_bwd_op = c.custom_op(
+    "sparse_divergence_bwd", _sbwd,
+    f"{_SPARSE}, Tensor div, Tensor lse_p, Tensor entropy_p, Tensor? g_div, Tensor? g_entropy, {_OPTS1}, "
+    f"{_DIV}, bool need_dh_p, bool need_dw_p, bool need_db_p",
+    "(Tensor, Tensor, Tensor)",
+)  # fmt: skip
+
+
+@sparse_divergence_fwd_op.register_fake
+def _(h_p, w_p, b_p, q_ids, q_logps, valid, *args):
+    return _fake_stats(h_p, h_p.shape[0], args[-1])[:2] + _fake_stats(h_p, h_p.shape[0], args[-1])[3:]
+
+
+@sparse_divergence_bwd_op.register_fake
+def _(h_p, w_p, b_p, *args):
+    needs = args[-3:]
+    return tuple(
+        torch.empty_like(t) if (need and t is not None) else h_p.new_empty(0)
+        for t, need in zip((h_p, w_p, b_p), needs)
+    )
+
+
+def _ssetup(ctx, inputs, output):
+    ctx.args = tuple(inputs[6:14])
+    ctx.n_options = len(inputs) - 6
+    ctx.save_for_backward(*inputs[:6], *output)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _sbackward(ctx, g_div, g_lse_p, g_ent):
+    h_p, w_p, b_p, q_ids, q_logps, valid, *saved = ctx.saved_tensors
+    needs = tuple(bool(need and t is not None) for need, t in zip(ctx.needs_input_grad[:3], (h_p, w_p, b_p)))
+    grads = [None] * 3
+    if any(needs):
+        g_ent = g_ent if g_ent is not None and g_ent.numel() else None
+        out = sparse_divergence_bwd_op(
+            h_p, w_p, b_p, q_ids, q_logps, valid, *saved, g_div, g_ent, *ctx.args, *needs
+        )
+        grads = [t if need else None for t, need in zip(out, needs)]
+    return (*grads, None, None, None) + (None,) * ctx.n_options
+
+
+sparse_divergence_fwd_op.register_autograd(_sbackward, setup_context=_ssetup)
