@@ -104,7 +104,7 @@ def _head_opts(temperature, softcap, logit_scale) -> tuple:
 
 
 def _finish(out, valid, lead, reduction, num_items, return_entropy) -> DivergenceOutput:
-    div, _, _, ent = out
+    div, _, _, ent = out[:4]
     loss = reduce_divergence(div, valid, lead, reduction, num_items)
     return DivergenceOutput(loss, ent.view(lead) if return_entropy else None)
 

@@ -23,8 +23,13 @@ from . import _common as c
 _HEADS = "Tensor h_p, Tensor w_p, Tensor? b_p, Tensor h_q, Tensor w_q, Tensor? b_q, Tensor valid"
 _LOGITS = "Tensor logits_p, Tensor logits_q, Tensor valid"
 _DIV = "str kind, float beta, float alpha, str? generator"
-_SAVED = "Tensor div, Tensor lse_p, Tensor lse_q, Tensor entropy_p, Tensor? g_div, Tensor? g_entropy"
-_OUT = "(Tensor, Tensor, Tensor, Tensor)"
+_SAVED = (
+    "Tensor div, Tensor lse_p, Tensor lse_q, Tensor entropy_p, Tensor row_sums, "
+    + "Tensor? g_div, Tensor? g_entropy"
+)
+#: ``DivStats``' four fields, then the PyTorch engine's ``[2, N]`` row constants of jsd / tv (the
+#: backward then skips a vocabulary pass; 0-element for the other kinds and the Triton launchers)
+_OUT = "(Tensor, Tensor, Tensor, Tensor, Tensor)"
 _NEEDS = "bool need_dh_p, bool need_dw_p, bool need_db_p, bool need_dh_q, bool need_dw_q, bool need_db_q"
 _N_OPTS = 8  # two LogitOptions of four fields
 
@@ -46,8 +51,19 @@ def _split(args):
     return op, oq, DivergenceOptions(*args[8:12]), args[12:]
 
 
-def _pack(st: DivStats, like: torch.Tensor):
-    return tuple(c.pack(t, like) for t in st)
+def _pack(st: DivStats, like: torch.Tensor, row_sums: list):
+    return tuple(c.pack(t, like) for t in st) + (row_sums[0] if row_sums else like,)
+
+
+def _row_sums_shape(x: torch.Tensor, n: int, div_args) -> tuple[int, ...]:
+    """The shape of the fifth output: ``[2, N]`` where the PyTorch engine hands the row constants
+    over (jsd / tv), else 0 elements."""
+    base = torch_engine.resolve(DivergenceOptions(*div_args))[0]
+    return (2, n) if _engine(x) is torch_engine and base in ("jsd", "tv") else (0,)
+
+
+def _rows(row_sums: torch.Tensor) -> dict:
+    return {"row_sums": row_sums} if row_sums.numel() else {}
 
 
 def _saved(n, div, lse_p, lse_q, entropy_p) -> DivStats:
@@ -56,18 +72,22 @@ def _saved(n, div, lse_p, lse_q, entropy_p) -> DivStats:
 
 def _fwd(h_p, w_p, b_p, h_q, w_q, b_q, valid, *args):
     op, oq, div, (want_entropy,) = _split(args)
-    st = _engine(h_p).linear_divergence_fwd(
-        h_p, w_p, b_p, h_q, w_q, b_q, valid, op, oq, div, want_entropy=want_entropy
+    eng, rs = _engine(h_p), []
+    extra = {"row_sums_out": rs} if eng is torch_engine else {}
+    st = eng.linear_divergence_fwd(
+        h_p, w_p, b_p, h_q, w_q, b_q, valid, op, oq, div, want_entropy=want_entropy, **extra
     )
-    return _pack(st, h_p.new_empty(0, dtype=st.div.dtype))
+    return _pack(st, h_p.new_empty(0, dtype=st.div.dtype), rs)
 
 
-def _bwd(h_p, w_p, b_p, h_q, w_q, b_q, valid, div_, lse_p, lse_q, ent, g_div, g_ent, *args):
+def _bwd(h_p, w_p, b_p, h_q, w_q, b_q, valid, div_, lse_p, lse_q, ent, row_sums, g_div, g_ent, *args):
     op, oq, div, needs = _split(args)
     n = h_p.shape[0]
-    out = _engine(h_p).linear_divergence_bwd(
+    eng = _engine(h_p)
+    out = eng.linear_divergence_bwd(
         h_p, w_p, b_p, h_q, w_q, b_q, valid, _saved(n, div_, lse_p, lse_q, ent), g_div, g_ent, op, oq, div,
         **dict(zip(("need_dh_p", "need_dw_p", "need_db_p", "need_dh_q", "need_dw_q", "need_db_q"), needs)),
+        **(_rows(row_sums) if eng is torch_engine else {}),
     )  # fmt: skip
     return tuple(c.pack(t, h_p) for t in out)
 
@@ -96,7 +116,9 @@ def _fake_stats(x: torch.Tensor, n: int, want_entropy: bool):
 
 @linear_divergence_fwd_op.register_fake
 def _(h_p, w_p, b_p, h_q, w_q, b_q, valid, *args):
-    return _fake_stats(h_p, h_p.shape[0], args[-1])
+    n = h_p.shape[0]
+    rows = h_p.new_empty(_row_sums_shape(h_p, n, args[8:12]), dtype=c.compute_dtype(h_p))
+    return _fake_stats(h_p, n, args[-1]) + (rows,)
 
 
 @linear_divergence_bwd_op.register_fake
@@ -112,10 +134,10 @@ def _setup(ctx, inputs, output):
     ctx.args = tuple(inputs[7 : 7 + _N_OPTS + 4])
     ctx.n_options = len(inputs) - 7
     ctx.save_for_backward(*inputs[:7], *output)
-    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2], output[4])
 
 
-def _backward(ctx, g_div, g_lse_p, g_lse_q, g_ent):
+def _backward(ctx, g_div, g_lse_p, g_lse_q, g_ent, g_rows):
     h_p, w_p, b_p, h_q, w_q, b_q, valid, *saved = ctx.saved_tensors
     ni = ctx.needs_input_grad[:6]
     needs = tuple(bool(need and t is not None) for need, t in zip(ni, (h_p, w_p, b_p, h_q, w_q, b_q)))
@@ -139,16 +161,20 @@ linear_divergence_fwd_op.register_autograd(_backward, setup_context=_setup)
 
 def _lfwd(logits_p, logits_q, valid, *args):
     op, oq, div, (want_entropy,) = _split(args)
-    st = torch_engine.logits_divergence_fwd(logits_p, logits_q, valid, op, oq, div, want_entropy=want_entropy)
-    return _pack(st, logits_p.new_empty(0, dtype=st.div.dtype))
+    rs = []
+    st = torch_engine.logits_divergence_fwd(
+        logits_p, logits_q, valid, op, oq, div, want_entropy=want_entropy, row_sums_out=rs
+    )
+    return _pack(st, logits_p.new_empty(0, dtype=st.div.dtype), rs)
 
 
-def _lbwd(logits_p, logits_q, valid, div_, lse_p, lse_q, ent, g_div, g_ent, *args):
+def _lbwd(logits_p, logits_q, valid, div_, lse_p, lse_q, ent, row_sums, g_div, g_ent, *args):
     op, oq, div, (need_dp, need_dq) = _split(args)
     saved = _saved(logits_p.shape[0], div_, lse_p, lse_q, ent)
     dp, dq = torch_engine.logits_divergence_bwd(
-        logits_p, logits_q, valid, saved, g_div, g_ent, op, oq, div, need_dp=need_dp, need_dq=need_dq
-    )
+        logits_p, logits_q, valid, saved, g_div, g_ent, op, oq, div, need_dp=need_dp, need_dq=need_dq,
+        **_rows(row_sums),
+    )  # fmt: skip
     return c.pack(dp, logits_p), c.pack(dq, logits_p)
 
 
@@ -163,7 +189,10 @@ logits_divergence_bwd_op = c.custom_op(
 
 @logits_divergence_fwd_op.register_fake
 def _(logits_p, logits_q, valid, *args):
-    return _fake_stats(logits_p, logits_p.shape[0], args[-1])
+    n = logits_p.shape[0]
+    base = torch_engine.resolve(DivergenceOptions(*args[8:12]))[0]
+    rows = logits_p.new_empty((2, n) if base in ("jsd", "tv") else (0,), dtype=c.compute_dtype(logits_p))
+    return _fake_stats(logits_p, n, args[-1]) + (rows,)
 
 
 @logits_divergence_bwd_op.register_fake
@@ -179,10 +208,10 @@ def _lsetup(ctx, inputs, output):
     ctx.args = tuple(inputs[3 : 3 + _N_OPTS + 4])
     ctx.n_options = len(inputs) - 3
     ctx.save_for_backward(*inputs[:3], *output)
-    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2], output[4])
 
 
-def _lbackward(ctx, g_div, g_lse_p, g_lse_q, g_ent):
+def _lbackward(ctx, g_div, g_lse_p, g_lse_q, g_ent, g_rows):
     logits_p, logits_q, valid, *saved = ctx.saved_tensors
     need_dp, need_dq = ctx.needs_input_grad[:2]
     dp = dq = None

@@ -40,9 +40,10 @@ Backward (``g`` the upstream gradient of the divergence), per tile, then ``dr = 
     tv           dz^p = p (s - E_p s) / 2          dz^q = -q (s - E_q s) / 2
     entropy      dz^p += -g_H p (lp + H)
 
-one pass for the KLs and alpha (``S = 1 - a (1 - a) D`` comes from the saved value); two for jsd and
-tv, whose row constants ``K_p, K_q`` / ``E_p s, E_q s`` are recomputed by a first pass (the
-forward's ``DivStats`` carries only ``div``, the two ``lse`` and the entropy).
+one pass for the KLs and alpha (``S = 1 - a (1 - a) D`` comes from the saved value), and one for
+jsd and tv when the forward's row constants ``K_p, K_q`` / ``E_p s, E_q s`` are handed over
+(``row_sums_out`` / ``row_sums``: the custom ops do); without them (``DivStats`` carries only
+``div``, the two ``lse`` and the entropy) a first pass recomputes them: two.
 
 Zero probabilities: a ``-inf`` transformed logit (no soft-cap) is replaced by ``-1e30`` after a
 check, so every tile term is finite; an entry where both ``p_v`` and ``q_v`` are 0 contributes 0.
@@ -247,7 +248,7 @@ def _raw_lse(st: OnlineStats) -> torch.Tensor:
     return st.m + torch.log(st.s)
 
 
-def _forward(pair: _Pair, valid, div: DivergenceOptions, want_entropy: bool) -> DivStats:
+def _forward(pair: _Pair, valid, div: DivergenceOptions, want_entropy: bool, row_sums_out=None) -> DivStats:
     base, prm, scale = resolve(div)
     n, v, cdt = pair.n, pair.v, pair.cdt
     dev = valid.device
@@ -287,6 +288,8 @@ def _forward(pair: _Pair, valid, div: DivergenceOptions, want_entropy: bool) -> 
         d = -torch.expm1(log_s) / (prm * (1.0 - prm))
     else:
         a, b = _row_sums(pair, base, prm, lse_p, lse_q)
+        if row_sums_out is not None:
+            row_sums_out.append(torch.stack([a, b]))
         d = prm * a + (1.0 - prm) * b if base == "jsd" else 0.5 * (a - b)
     if scale != 1.0:
         d = d * scale
@@ -313,12 +316,15 @@ def linear_divergence_fwd(
     *,
     want_entropy: bool = False,
     config=None,
+    row_sums_out: list | None = None,
 ) -> DivStats:
     """Per-token :class:`DivStats` of ``h_p [N, Hp]``, ``w_p [V, Hp]`` (student) against
     ``h_q [N, Hq]``, ``w_q [V, Hq]`` (teacher), zero where ``valid [N]`` is False. ``config`` is
-    accepted for the launchers' signature and unused here."""
+    accepted for the launchers' signature and unused here. ``row_sums_out`` (this engine only): a
+    list that receives the ``[2, N]`` row constants of ``jsd`` / ``tv`` (``K_q, K_p`` or
+    ``E_p s, E_q s``) which the backward otherwise recomputes with a vocabulary pass."""
     pair = _linear_pair(h_p, w_p, b_p, h_q, w_q, b_q, valid, opts_p, opts_q, 3, False)
-    return _forward(pair, valid, div, want_entropy)
+    return _forward(pair, valid, div, want_entropy, row_sums_out)
 
 
 def _linear_pair(h_p, w_p, b_p, h_q, w_q, b_q, valid, opts_p, opts_q, nscratch, keep_th) -> _Pair:
@@ -338,11 +344,13 @@ def _logits_pair(logits_p, logits_q, valid, opts_p, opts_q, nscratch, keep_th) -
     return _Pair(p, q, n, v, width, opts_p, opts_q, cdt, nscratch, keep_th, logits_p.device)
 
 
-def logits_divergence_fwd(logits_p, logits_q, valid, opts_p, opts_q, div, *, want_entropy=False) -> DivStats:
+def logits_divergence_fwd(
+    logits_p, logits_q, valid, opts_p, opts_q, div, *, want_entropy=False, row_sums_out=None
+) -> DivStats:
     """:func:`linear_divergence_fwd` for callers holding the logits ``[N, V]`` of both heads: the
     same tiles, read from the logits instead of computed (no ``[N, V]`` temporary)."""
     pair = _logits_pair(logits_p, logits_q, valid, opts_p, opts_q, 3, False)
-    return _forward(pair, valid, div, want_entropy)
+    return _forward(pair, valid, div, want_entropy, row_sums_out)
 
 
 def _tile_grads(t: _Tile, base: str, prm: float, rows, k, need_p: bool, need_q: bool):
@@ -403,7 +411,9 @@ def _chain_(dz: torch.Tensor, th, opts: LogitOptions) -> torch.Tensor:
     return dz
 
 
-def _backward(pair: _Pair, valid, saved: DivStats, g_div, g_entropy, div, sink_p, sink_q) -> None:
+def _backward(
+    pair: _Pair, valid, saved: DivStats, g_div, g_entropy, div, sink_p, sink_q, row_sums=None
+) -> None:
     if g_entropy is not None and saved.entropy_p is None:
         raise ValueError("a gradient of the entropy needs the forward's entropy_p")
     base, prm, scale = resolve(div)
@@ -427,7 +437,8 @@ def _backward(pair: _Pair, valid, saved: DivStats, g_div, g_entropy, div, sink_p
     if base == "alpha":
         k["S"] = 1.0 - prm * (1.0 - prm) * k["d"]
     elif base in ("jsd", "tv"):
-        k["a"], k["b"] = _row_sums(pair, base, prm, lse_p, lse_q)
+        a, b = row_sums.to(cdt) if row_sums is not None else _row_sums(pair, base, prm, lse_p, lse_q)
+        k["a"], k["b"] = torch.where(valid, a, zero), torch.where(valid, b, zero)
     ent = None if ge is None else torch.where(valid, saved.entropy_p.to(cdt), zero)
     hp, hq = pair.p.h, pair.q.h
     for t in pair.tiles(sinks=[s for s in (sink_p, sink_q) if s.active]):
@@ -469,9 +480,11 @@ def linear_divergence_bwd(
     need_dw_q: bool,
     need_db_q: bool,
     config=None,
+    row_sums: torch.Tensor | None = None,
 ):
     """``(dh_p, dw_p, db_p, dh_q, dw_q, db_q)`` (each None unless asked) of
-    ``sum_n g_div[n] div[n] + g_entropy[n] entropy_p[n]``, in the input dtypes."""
+    ``sum_n g_div[n] div[n] + g_entropy[n] entropy_p[n]``, in the input dtypes. ``row_sums``
+    (this engine only): the forward's ``row_sums_out``, which saves ``jsd`` / ``tv`` a pass."""
     pair = _linear_pair(h_p, w_p, b_p, h_q, w_q, b_q, valid, opts_p, opts_q, 4, True)
     one, vb, cdt = pair.C >= pair.n, pair.VB, pair.cdt
     sink_p = GradSink(
@@ -480,15 +493,16 @@ def linear_divergence_bwd(
     sink_q = GradSink(
         h_q, w_q, b_q, need_dh=need_dh_q, need_dw=need_dw_q, need_db=need_db_q, one_chunk=one, vb=vb, cdt=cdt
     )
-    _backward(pair, valid, saved, g_div, g_entropy, div, sink_p, sink_q)
+    _backward(pair, valid, saved, g_div, g_entropy, div, sink_p, sink_q, row_sums)
     return sink_p.result() + sink_q.result()
 
 
 def logits_divergence_bwd(
-    logits_p, logits_q, valid, saved: DivStats, g_div, g_entropy, opts_p, opts_q, div, *, need_dp, need_dq
-):
+    logits_p, logits_q, valid, saved: DivStats, g_div, g_entropy, opts_p, opts_q, div, *, need_dp, need_dq,
+    row_sums=None,
+):  # fmt: skip
     """``(dlogits_p, dlogits_q)`` (None unless asked) for :func:`logits_divergence_fwd`."""
     pair = _logits_pair(logits_p, logits_q, valid, opts_p, opts_q, 4, True)
     sink_p, sink_q = _LogitsSink(logits_p, need_dp), _LogitsSink(logits_q, need_dq)
-    _backward(pair, valid, saved, g_div, g_entropy, div, sink_p, sink_q)
+    _backward(pair, valid, saved, g_div, g_entropy, div, sink_p, sink_q, row_sums)
     return sink_p.result() + sink_q.result()
