@@ -93,13 +93,17 @@ def test_every_divergence_float64(div, opts):
     _check(heads, valid, div, *OPTS[opts], atol=1e-10, rtol=1e-9)
 
 
-@pytest.mark.parametrize("div", KINDS[:10], ids=IDS[:10])
+@pytest.mark.parametrize("div", [KINDS[i] for i in (0, 1, 2, 5, 7)], ids=[IDS[i] for i in (0, 1, 2, 5, 7)])
 def test_every_divergence_float32(div):
     heads, valid = _heads(dtype=torch.float32, seed=3)
     _check(heads, valid, div, *OPTS["transformed"], atol=2e-5, rtol=2e-4)
 
 
-@pytest.mark.parametrize("div", KINDS, ids=IDS)
+# every streamed form once: one-pass KLs, alpha inside / outside [0, 1], two-pass jsd / tv, a scaled f
+EXACT = [KINDS[i] for i in (0, 1, 2, 5, 6, 7, 13)]
+
+
+@pytest.mark.parametrize("div", EXACT, ids=[IDS[i] for i in (0, 1, 2, 5, 6, 7, 13)])
 def test_identical_heads_give_exact_zero(div):
     (hp, wp, bp, *_), valid = _heads()
     stats = linear_divergence_fwd(hp, wp, bp, hp.clone(), wp.clone(), bp.clone(), valid, *OPTS["plain"], div)
