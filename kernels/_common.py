@@ -338,3 +338,50 @@ def rows_3d_like(out: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
         if d3.shape != x3.shape:
             raise ValueError("out must have the logits' layout (or be contiguous)") from None
         return d3
+
+
+# ----------------------------------------------------------------------------------------------
+# divergences between two heads (the linear_divergence family)
+# ----------------------------------------------------------------------------------------------
+
+DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "jsd", "tv", "alpha", "f")
+F_GENERATORS = ("kl", "reverse_kl", "hellinger", "chi2", "js", "tv")
+
+
+@dataclass(frozen=True)
+class DivergenceOptions:
+    """Which per-token divergence between the student / policy ``p`` and the teacher / reference
+    ``q`` a two-head family computes (the math of each in ``kernels/linear_divergence.py``):
+    ``forward_kl`` = KL(q||p), ``reverse_kl`` = KL(p||q), ``jsd`` (generalized JSD with weight
+    ``beta``; ``beta`` 0 and 1 are exactly KL(q||p) and KL(p||q)), ``tv`` (total variation),
+    ``alpha`` (Amari alpha-divergence, ``alpha`` 0 and 1 are KL(q||p) and KL(p||q)) and ``f``
+    (an f-divergence sum_v q_v f(p_v / q_v) with a named ``generator``)."""
+
+    kind: str
+    beta: float = 0.5
+    alpha: float = 0.5
+    generator: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in DIVERGENCE_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(DIVERGENCE_KINDS)}, got {self.kind!r}")
+        object.__setattr__(self, "beta", check_number("beta", self.beta, lo=0.0, lo_open=False, hi=1.0))
+        object.__setattr__(self, "alpha", check_number("alpha", self.alpha, lo=-math.inf, lo_open=True))
+        if self.kind == "f":
+            if self.generator not in F_GENERATORS:
+                raise ValueError(
+                    f"generator must be one of {', '.join(F_GENERATORS)}, got {self.generator!r}"
+                )
+        elif self.generator is not None:
+            raise ValueError(f"generator is only for kind='f', got kind={self.kind!r}")
+
+
+class DivStats(NamedTuple):
+    """Per-token outputs of a two-head divergence forward (fp32; float64 on the torch engine for
+    float64 inputs): ``div [N]``, ``lse_p [N]``, ``lse_q [N]`` (None for a sparse teacher),
+    ``entropy_p [N]`` (None unless asked). Rows outside ``valid`` hold 0."""
+
+    div: torch.Tensor
+    lse_p: torch.Tensor
+    lse_q: torch.Tensor | None = None
+    entropy_p: torch.Tensor | None = None

@@ -78,6 +78,19 @@ LLP_COMBINE_BN_TOPK = 32
 # and large enough below that for GEMMs that fill an H100.
 LLP_WORKSPACE_FLOOR_ELEMS = 1 << 26
 
+# --- fused two-head divergences (kernels/linear_divergence.py) ----------------------------------
+
+# Two logits tiles live at once (student and teacher) plus, in the backward, their soft-cap
+# derivatives: twice the fp32 tile registers of the log-prob family at the same tile. The vocab
+# block is halved instead of the token block so that BN stays a full wgmma M (64) and both heads
+# still share each [BN, BV] pass: [64, 64] x 2 tiles = the registers of one [64, 128] tile.
+LDIV_BV = 64
+# Token blocks as in the log-prob family (LLP_BN, LLP_BN_FP32, LLP_BN_SMALL for N <= 16).
+LDIV_NUM_WARPS = 8
+LDIV_NUM_STAGES = 3
+# Rows per program of the pass-1 combine kernel (reads 5-6 fp32 planes per split: memory-bound).
+LDIV_COMBINE_BN = 128
+
 # --- every family -------------------------------------------------------------------------------
 
 # Streaming multiprocessors assumed when the device cannot be asked (the interpreter on CPU):
