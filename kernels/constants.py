@@ -85,8 +85,14 @@ LLP_WORKSPACE_FLOOR_ELEMS = 1 << 26
 # block is halved instead of the token block so that BN stays a full wgmma M (64) and both heads
 # still share each [BN, BV] pass: [64, 64] x 2 tiles = the registers of one [64, 128] tile.
 LDIV_BV = 64
-# Token blocks as in the log-prob family (LLP_BN, LLP_BN_FP32, LLP_BN_SMALL for N <= 16).
+# Token block for 16-bit matmuls with N > 16: LLP_BN (a full wgmma M).
 LDIV_NUM_WARPS = 8
+# Token blocks of 16 rows (N <= 16, and every fp32 matmul, whose IEEE dots run on CUDA cores
+# where a smaller M costs little): 2 pipeline stages. The build report (sm_80, sm_90a) showed
+# 8-76 byte spills at 3 stages or 4 warps for BN 16 / 32 with the two heads' loops and pointers
+# live at once, and none at 8 warps and 2 stages for BN 16; fp32 at BN 32 still spilled on sm_80.
+LDIV_BN_FP32 = 16
+LDIV_NUM_STAGES_SMALL = 2
 LDIV_NUM_STAGES = 3
 # Rows per program of the pass-1 combine kernel (reads 5-6 fp32 planes per split: memory-bound).
 LDIV_COMBINE_BN = 128

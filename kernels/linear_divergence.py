@@ -150,27 +150,28 @@ def _kl_mode(kind: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def _bd_bn(n: int, dot_p: torch.dtype, dot_q: torch.dtype) -> tuple[int, int]:
+def _tile(n: int, dot_p: torch.dtype, dot_q: torch.dtype) -> tuple[int, int, int]:
+    """``(BN, BD, stages)``: 64-row token blocks of 16-bit matmuls, 16 rows for tiny batches and
+    fp32 matmuls (fp32 hidden chunks ``BD`` if either head's matmul is fp32)."""
     fp32 = torch.float32 in (dot_p, dot_q)
     bd = C.LLP_BD_FP32 if fp32 else C.LLP_BD_16BIT
-    if n <= C.LLP_SMALL_N_MAX:
-        return bd, C.LLP_BN_SMALL
-    return bd, C.LLP_BN_FP32 if fp32 else C.LLP_BN
+    if n <= C.LLP_SMALL_N_MAX or fp32:
+        return C.LDIV_BN_FP32 if fp32 else C.LLP_BN_SMALL, bd, C.LDIV_NUM_STAGES_SMALL
+    return C.LLP_BN, bd, C.LDIV_NUM_STAGES
 
 
 def fwd_config(n: int, dot_p: torch.dtype, dot_q: torch.dtype) -> FwdConfig:
-    """Default config of the forward passes: the log-prob family's token block and hidden chunk
-    (fp32 ones if either head's matmul is fp32), vocab block ``LDIV_BV``."""
-    bd, bn = _bd_bn(n, dot_p, dot_q)
-    return FwdConfig(bn, C.LDIV_BV, bd, C.LDIV_NUM_WARPS, C.LDIV_NUM_STAGES)
+    """Default config of the forward passes (``_tile``), vocab block ``LDIV_BV``, 8 warps."""
+    bn, bd, stages = _tile(n, dot_p, dot_q)
+    return FwdConfig(bn, C.LDIV_BV, bd, C.LDIV_NUM_WARPS, stages)
 
 
 def bwd_config(n: int, h: int, dot_p: torch.dtype, dot_q: torch.dtype) -> BwdConfig:
     """Default backward config: the forward's tile, workspace ``max(N * H, floor)`` elements in
     all (split between the heads when both get a gradient)."""
-    bd, bn = _bd_bn(n, dot_p, dot_q)
+    bn, bd, stages = _tile(n, dot_p, dot_q)
     ws = max(n * h, C.LLP_WORKSPACE_FLOOR_ELEMS)
-    return BwdConfig(bn, C.LDIV_BV, bd, C.LDIV_NUM_WARPS, C.LDIV_NUM_STAGES, ws)
+    return BwdConfig(bn, C.LDIV_BV, bd, C.LDIV_NUM_WARPS, stages, ws)
 
 
 def _num_splits(n_token_blocks: int, n_vocab_blocks: int, device: torch.device) -> int:
@@ -538,7 +539,7 @@ def linear_divergence_bwd(
 
 
 def _aot_specs() -> list[AotSpec]:
-    """Every kernel at the configs the default heuristics pick (BN 16 and 64 / 32), bf16 and fp32
+    """Every kernel at the configs the default heuristics pick (BN 16 and 64; fp32 BN 16), bf16 and fp32
     matmul dtypes (IEEE fp32 dots), in two feature sets: ``plain`` (forward KL(q||p), no bias,
     soft-cap or entropy; student gradient only) and ``full`` (generalized JSD, both biases and
     soft-caps, the student's entropy, a bf16 hidden with an fp32 master weight for 16-bit builds,
@@ -546,7 +547,8 @@ def _aot_specs() -> list[AotSpec]:
     specs = []
     for dtype in (torch.bfloat16, torch.float32):
         ty = TRITON_TYPE[dtype]
-        for n in (C.LLP_SMALL_N_MAX, C.LLP_SMALL_N_MAX + 1):
+        # fp32 matmuls take 16-row token blocks at every N: one config
+        for n in (C.LLP_SMALL_N_MAX,) + ((C.LLP_SMALL_N_MAX + 1,) if dtype != torch.float32 else ()):
             for full in (False, True):
                 feat = "full" if full else "plain"
                 mixed = full and dtype != torch.float32
