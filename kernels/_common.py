@@ -341,21 +341,36 @@ def rows_3d_like(out: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# divergences between two heads (the linear_divergence family)
+# the divergence family (two heads: p = student / policy, trained; q = teacher / reference, frozen)
 # ----------------------------------------------------------------------------------------------
 
+#: The divergences of the ``linear_divergence`` family (module docstring of
+#: ``alignops/_torch/linear_divergence.py`` has the math and the passes each takes).
 DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "jsd", "tv", "alpha", "f")
+#: Named generators of ``kind="f"``: ``D_f(p || q) = sum_v q_v f(p_v / q_v)``.
 F_GENERATORS = ("kl", "reverse_kl", "hellinger", "chi2", "js", "tv")
 
 
 @dataclass(frozen=True)
 class DivergenceOptions:
-    """Which per-token divergence between the student / policy ``p`` and the teacher / reference
-    ``q`` a two-head family computes (the math of each in ``kernels/linear_divergence.py``):
-    ``forward_kl`` = KL(q||p), ``reverse_kl`` = KL(p||q), ``jsd`` (generalized JSD with weight
-    ``beta``; ``beta`` 0 and 1 are exactly KL(q||p) and KL(p||q)), ``tv`` (total variation),
-    ``alpha`` (Amari alpha-divergence, ``alpha`` 0 and 1 are KL(q||p) and KL(p||q)) and ``f``
-    (an f-divergence sum_v q_v f(p_v / q_v) with a named ``generator``)."""
+    """Which per-token divergence between the student ``p`` and the teacher ``q`` to compute.
+
+    * ``"forward_kl"``: ``KL(q || p) = sum_v q_v log(q_v / p_v)`` (teacher -> student, standard KD);
+    * ``"reverse_kl"``: ``KL(p || q)``;
+    * ``"jsd"``: the generalized Jensen-Shannon divergence with the mixture
+      ``m = (1 - beta) p + beta q``: ``beta KL(q || m) + (1 - beta) KL(p || m)`` (Agarwal et al.,
+      2024, arXiv:2306.13649, as TRL's ``ChunkedDivergenceFunction`` writes it); ``beta = 0`` is
+      exactly ``KL(q || p)`` and ``beta = 1`` exactly ``KL(p || q)`` (TRL's convention: the
+      mixture formula itself tends to 0 at both ends);
+    * ``"tv"``: total variation ``(1 / 2) sum_v |p_v - q_v|``;
+    * ``"alpha"``: Amari's alpha-divergence
+      ``(1 - sum_v p_v^alpha q_v^(1 - alpha)) / (alpha (1 - alpha))`` (Amari, 1985; Cichocki and
+      Amari, 2010, doi:10.3390/e12061532); ``alpha = 1`` is ``KL(p || q)``, ``alpha = 0`` is
+      ``KL(q || p)`` (the limits);
+    * ``"f"``: Csiszar's f-divergence ``sum_v q_v f(p_v / q_v)`` (Csiszar, 1967) for one of the
+      named ``generator`` s of :data:`F_GENERATORS`.
+
+    Validated on construction (a clear ``ValueError``); frozen."""
 
     kind: str
     beta: float = 0.5
@@ -364,24 +379,93 @@ class DivergenceOptions:
 
     def __post_init__(self):
         if self.kind not in DIVERGENCE_KINDS:
-            raise ValueError(f"kind must be one of {', '.join(DIVERGENCE_KINDS)}, got {self.kind!r}")
+            raise ValueError(f"unknown divergence kind {self.kind!r}; expected one of {DIVERGENCE_KINDS}")
         object.__setattr__(self, "beta", check_number("beta", self.beta, lo=0.0, lo_open=False, hi=1.0))
         object.__setattr__(self, "alpha", check_number("alpha", self.alpha, lo=-math.inf, lo_open=True))
         if self.kind == "f":
             if self.generator not in F_GENERATORS:
-                raise ValueError(
-                    f"generator must be one of {', '.join(F_GENERATORS)}, got {self.generator!r}"
-                )
+                raise ValueError(f"kind='f' needs generator one of {F_GENERATORS}, got {self.generator!r}")
         elif self.generator is not None:
-            raise ValueError(f"generator is only for kind='f', got kind={self.kind!r}")
+            raise ValueError(f"generator is only used with kind='f', got kind={self.kind!r}")
 
 
 class DivStats(NamedTuple):
-    """Per-token outputs of a two-head divergence forward (fp32; float64 on the torch engine for
-    float64 inputs): ``div [N]``, ``lse_p [N]``, ``lse_q [N]`` (None for a sparse teacher),
-    ``entropy_p [N]`` (None unless asked). Rows outside ``valid`` hold 0."""
+    """Per-token outputs of the divergence family, in the compute dtype (float32, or float64 for
+    float64 inputs); rows with ``valid = False`` hold 0.
+
+    div:       ``[N]`` the divergence of :class:`DivergenceOptions`;
+    lse_p:     ``[N]`` ``log sum_v exp(z^p_v)`` of the student;
+    lse_q:     ``[N]`` the teacher's, or ``None`` for a sparse (top-k) teacher;
+    entropy_p: ``[N]`` the student's entropy ``-sum_v p_v log p_v``, or ``None`` when not asked."""
 
     div: torch.Tensor
     lse_p: torch.Tensor
-    lse_q: torch.Tensor | None = None
-    entropy_p: torch.Tensor | None = None
+    lse_q: torch.Tensor | None
+    entropy_p: torch.Tensor | None
+
+
+def _check_head(which: str, hidden, weight, bias) -> torch.dtype:
+    _check_tensor(f"h_{which}", hidden)
+    _check_tensor(f"w_{which}", weight)
+    dot = matmul_dtype(hidden.dtype, weight.dtype)
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise ValueError(
+            f"h_{which} must be [N, H] and w_{which} [V, H], "
+            f"got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden size mismatch: h_{which} is [N, {hidden.shape[1]}] "
+            f"but w_{which} is {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"w_{which} has an empty vocabulary or hidden size: {tuple(weight.shape)}")
+    if bias is not None:
+        _check_tensor(f"b_{which}", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"b_{which} must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if (hidden.numel() and hidden.stride(-1) != 1) or weight.stride(-1) != 1:
+        raise ValueError(f"h_{which} and w_{which} must be contiguous in their last dimension")
+    return dot
+
+
+def check_divergence_inputs(h_p, w_p, b_p, h_q, w_q, b_q, valid) -> tuple[torch.dtype, torch.dtype | None]:
+    """The two heads of the divergence family: ``h_p [N, Hp]``, ``w_p [V, Hp]``, ``b_p [V]`` or
+    None, and the same for ``q`` with its own hidden size (``h_q`` / ``w_q`` None for a sparse
+    teacher); ``valid [N]`` bool; one device. Returns the matmul dtype of each head."""
+    dot_p = _check_head("p", h_p, w_p, b_p)
+    dot_q = None
+    if w_q is not None:
+        dot_q = _check_head("q", h_q, w_q, b_q)
+        if w_q.shape[0] != w_p.shape[0]:
+            raise ValueError(
+                f"vocabulary size mismatch: the student head has V = {w_p.shape[0]}, the teacher's "
+                f"V = {w_q.shape[0]}"
+            )
+        if h_q.shape[0] != h_p.shape[0]:
+            raise ValueError(f"token count mismatch: h_p has {h_p.shape[0]} rows, h_q has {h_q.shape[0]}")
+    _check_tensor("valid", valid, dtypes=(torch.bool,))
+    if tuple(valid.shape) != (h_p.shape[0],):
+        raise ValueError(f"valid must be [N] = [{h_p.shape[0]}] bool, got {tuple(valid.shape)}")
+    _check_one_device(h_p=h_p, w_p=w_p, b_p=b_p, h_q=h_q, w_q=w_q, b_q=b_q, valid=valid)
+    return dot_p, dot_q
+
+
+def check_logits_pair(logits_p, logits_q, valid) -> None:
+    """Both heads' logits ``[N, V]`` (same shape, contiguous rows' last dimension) and ``valid [N]``."""
+    _check_tensor("logits_p", logits_p)
+    _check_tensor("logits_q", logits_q)
+    if logits_p.dim() != 2 or logits_p.shape[1] == 0:
+        raise ValueError(f"logits_p must be [N, V] with V > 0, got {tuple(logits_p.shape)}")
+    if logits_q.dim() != 2 or logits_q.shape[1] != logits_p.shape[1]:
+        raise ValueError(
+            f"vocabulary size mismatch: logits_p is {tuple(logits_p.shape)}, logits_q {tuple(logits_q.shape)}"
+        )
+    if logits_q.shape[0] != logits_p.shape[0]:
+        raise ValueError(
+            f"token count mismatch: logits_p has {logits_p.shape[0]} rows, logits_q {logits_q.shape[0]}"
+        )
+    _check_tensor("valid", valid, dtypes=(torch.bool,))
+    if tuple(valid.shape) != (logits_p.shape[0],):
+        raise ValueError(f"valid must be [N] = [{logits_p.shape[0]}] bool, got {tuple(valid.shape)}")
+    _check_one_device(logits_p=logits_p, logits_q=logits_q, valid=valid)

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..kernels._common import GRAD_FIELDS, LogitOptions, StatRequest, TokenStats, env_int
+from ..kernels._common import GRAD_FIELDS, LogitOptions, StatRequest, TokenStats, empty, env_int
 
 #: Upper bound of the tile workspace per engine call. 32 MiB keeps the peak extra memory of a
 #: float32 fwd+bwd at N=4096, H=1024, V=65536 within 1.12x of the returned gradients while each
@@ -91,7 +91,8 @@ class OnlineStats:
 
     def update(self, z: torch.Tensor, c0: int, c1: int, v0: int, v1: int, e_buf: torch.Tensor | None):
         """Fold ``z [c1 - c0, v1 - v0]``; ``z`` is overwritten. ``e_buf`` (same shape) is needed
-        only when the entropy is tracked."""
+        only when the entropy is tracked. Returns ``e = exp(z - m_new)`` (in ``e_buf`` or ``z``'s
+        storage) and the rescale factor ``exp(m_old - m_new) [c1 - c0]`` of the running sums."""
         hit, col = target_columns(self.safe_t[c0:c1], v0, v1)
         self.zy[c0:c1] += torch.where(hit, z.gather(1, col).squeeze(1), 0.0)
         if self.zsum is not None:
@@ -112,6 +113,7 @@ class OnlineStats:
             self.s2[c0:c1] = self.s2[c0:c1] * scale * scale + _rowdot(e, e)
         self.s[c0:c1] = self.s[c0:c1] * scale + e.sum(1)
         self.m[c0:c1] = m_new
+        return e, scale
 
     def finish(self, v: int) -> TokenStats:
         zero = torch.zeros((), dtype=self.m.dtype, device=self.m.device)
@@ -201,3 +203,66 @@ def logit_grad_(z, th, p_buf, co: GradCoefs, targets, c0: int, c1: int, v0: int,
     if th is not None:
         dz.mul_(th.mul_(th).neg_().add_(1.0))  # 1 - tanh^2
     return dz
+
+
+class GradSink:
+    """Where the logit-gradient tiles ``dr [rows, nv]`` of one head go: ``dh += dr @ W_block``
+    (an ``[N, H]`` accumulator in the compute dtype: the gradient itself for float32 / float64),
+    ``dW[v0:v1] = dr.T @ h`` written once per vocabulary block (straight into the returned gradient
+    when one token chunk covers all rows, else through a ``[VB, H]`` accumulator), ``db += sum dr``.
+    Deterministic: a fixed order, no atomics."""
+
+    def __init__(self, hidden, weight, bias, *, need_dh, need_dw, need_db, one_chunk: bool, vb: int, cdt):
+        n, hdim = hidden.shape
+        dev = hidden.device
+        self.hidden, self.bias, self.cdt, self.one_chunk = hidden, bias, cdt, one_chunk
+        self.dh = None
+        if need_dh:
+            self.dh = (
+                torch.zeros(n, hdim, dtype=cdt, device=dev)
+                if hidden.dtype != cdt
+                else torch.zeros_like(hidden)
+            )
+        self.dw = empty(weight.shape, dtype=weight.dtype, device=dev) if need_dw else None
+        if self.dw is not None and n == 0:
+            self.dw.zero_()  # no token: nothing is written below
+        self.db = (
+            torch.zeros(weight.shape[0], dtype=cdt, device=dev) if need_db and bias is not None else None
+        )
+        self.acc = torch.empty(vb, hdim, dtype=cdt, device=dev) if need_dw and not one_chunk else None
+
+    @property
+    def active(self) -> bool:
+        return self.dh is not None or self.dw is not None or self.db is not None
+
+    def begin(self, nv: int) -> None:
+        if self.acc is not None:
+            self.acc[:nv].zero_()
+
+    def add(self, dr, h_rows, wb, c0: int, c1: int, v0: int, v1: int) -> None:
+        """Fold the tile ``dr`` of rows ``[c0, c1)``, columns ``[v0, v1)``; ``h_rows`` and ``wb`` are
+        the matmul operands in the compute dtype."""
+        if self.dh is not None:
+            self.dh[c0:c1].addmm_(dr, wb)
+        if self.dw is not None:
+            if self.acc is not None:
+                self.acc[: v1 - v0].addmm_(dr.T, h_rows)
+            elif self.dw.dtype == self.cdt:
+                torch.mm(dr.T, h_rows, out=self.dw[v0:v1])
+            else:
+                self.dw[v0:v1].copy_(dr.T @ h_rows)
+        if self.db is not None:
+            self.db[v0:v1] += dr.sum(0)
+
+    def end(self, v0: int, v1: int) -> None:
+        if self.acc is not None:
+            self.dw[v0:v1].copy_(self.acc[: v1 - v0])
+
+    def result(self):
+        """``(dh, dW, db)`` in the input dtypes (None where not asked)."""
+        dh, db = self.dh, self.db
+        if dh is not None and dh.dtype != self.hidden.dtype:
+            dh = dh.to(self.hidden.dtype)
+        if db is not None and db.dtype != self.bias.dtype:
+            db = db.to(self.bias.dtype)
+        return dh, self.dw, db
