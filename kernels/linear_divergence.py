@@ -69,15 +69,7 @@ import triton
 from . import _launch
 from . import constants as C
 from ._aot import TRITON_TYPE, AotSpec, aot_spec
-from ._common import (
-    DivergenceOptions,
-    DivStats,
-    LogitOptions,
-    _check_one_device,
-    _check_tensor,
-    empty,
-    matmul_dtype,
-)
+from ._common import DivergenceOptions, DivStats, LogitOptions, check_divergence_inputs, empty
 from .linear_divergence_bwd import _linear_divergence_bwd_kernel
 from .linear_divergence_fwd import (
     ALPHA,
@@ -184,43 +176,15 @@ def _num_splits(n_token_blocks: int, n_vocab_blocks: int, device: torch.device) 
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_head(tag: str, h, w, b) -> torch.dtype:
-    _check_tensor(f"h_{tag}", h)
-    _check_tensor(f"w_{tag}", w)
-    dot = matmul_dtype(h.dtype, w.dtype)
-    if h.dim() != 2 or w.dim() != 2 or h.shape[1] != w.shape[1] or 0 in w.shape:
-        raise ValueError(
-            f"h_{tag} must be [N, H] and w_{tag} [V, H] with the same H > 0, "
-            f"got {tuple(h.shape)} and {tuple(w.shape)}"
-        )
-    if b is not None:
-        _check_tensor(f"b_{tag}", b)
-        if tuple(b.shape) != (w.shape[0],):
-            raise ValueError(f"b_{tag} must be [V] = [{w.shape[0]}], got {tuple(b.shape)}")
-    if (h.numel() and h.stride(-1) != 1) or w.stride(-1) != 1:
-        raise ValueError(f"h_{tag} and w_{tag} must be contiguous in their last dimension")
-    if dot == torch.float64:
-        raise TypeError(
-            "the Triton kernels take float16 / bfloat16 / float32 (float64 runs the torch engine)"
-        )
-    return dot
-
-
 def _check(h_p, w_p, b_p, h_q, w_q, b_q, valid):
-    """Both heads' contracts (``kernels/_common.py``'s dtype policy), one vocabulary, one token
-    count, ``valid [N]`` bool, one device (CUDA, or the interpreter)."""
-    dot_p = _check_head("p", h_p, w_p, b_p)
-    dot_q = _check_head("q", h_q, w_q, b_q)
-    if w_p.shape[0] != w_q.shape[0]:
-        raise ValueError(
-            f"the two heads must share the vocabulary, got V = {w_p.shape[0]} and {w_q.shape[0]}"
-        )
-    if h_q.shape[0] != h_p.shape[0]:
-        raise ValueError(f"h_p and h_q must have the same tokens, got {h_p.shape[0]} and {h_q.shape[0]}")
-    _check_tensor("valid", valid, dtypes=(torch.bool,))
-    if tuple(valid.shape) != (h_p.shape[0],):
-        raise ValueError(f"valid must be [N] = [{h_p.shape[0]}], got {tuple(valid.shape)}")
-    _check_one_device(h_p=h_p, w_p=w_p, b_p=b_p, h_q=h_q, w_q=w_q, b_q=b_q, valid=valid)
+    """The family's contract (``kernels/_common.py::check_divergence_inputs``: both heads, one
+    vocabulary, one token count, ``valid [N]`` bool, one device), plus what the kernels add:
+    16- or 32-bit floats and a CUDA device (or the interpreter)."""
+    if w_q is None:
+        raise ValueError("the dense launchers need the teacher head h_q, w_q")
+    dot_p, dot_q = check_divergence_inputs(h_p, w_p, b_p, h_q, w_q, b_q, valid)
+    if torch.float64 in (dot_p, dot_q):
+        raise TypeError("the Triton kernels take float16 / bfloat16 / float32 (float64: the torch engine)")
     _launch.check_device(h_p)
     return h_p.shape[0], w_p.shape[0], dot_p, dot_q
 
