@@ -132,6 +132,16 @@ def kind_code(div: DivergenceOptions) -> tuple[int, float]:
     return _GENERATORS[div.generator]
 
 
+def _zero_side(kind: int, param: float) -> int:
+    """Which head's zero probabilities make the divergence infinite where the other head has mass:
+    1 ``p`` (KL(q||p), alpha < 0), 2 ``q`` (KL(p||q), alpha > 1, chi2), 0 neither (always finite)."""
+    if kind == FKL.value or (kind == ALPHA.value and param < 0.0):
+        return 1
+    if kind in (RKL.value, CHI2.value) or (kind == ALPHA.value and param > 1.0):
+        return 2
+    return 0
+
+
 def _kl_mode(kind: int) -> int:
     """Pass-1 KL accumulator: 1 weighted by ``q`` (KL(q||p)), 2 by ``p`` (KL(p||q)), 0 none."""
     return {FKL.value: 1, RKL.value: 2}.get(kind, 0)
@@ -293,7 +303,9 @@ def linear_divergence_fwd(
     blocks_per_split = triton.cdiv(n_vb, max(1, min(splits, n_vb)))
     splits = triton.cdiv(n_vb, blocks_per_split)  # no empty split
     part = empty((N_PLANES, splits, n), dtype=torch.float32, device=dev)
-    kl_mode = _kl_mode(kind)
+    kl_mode, zero_side = _kl_mode(kind), _zero_side(kind, param)
+    # infinite-divergence flags of a two-pass kind (the combine kernel applies a KL's itself)
+    bad = empty((n,), dtype=torch.float32, device=dev) if zero_side and not kl_mode else None
     _launch.launch(
         _linear_divergence_stats_kernel,
         (n_tb, splits),
@@ -304,6 +316,7 @@ def linear_divergence_fwd(
         blocks_per_split=blocks_per_split,
         NEED_ENT=want_entropy,
         KL_MODE=kl_mode,
+        ZERO_SIDE=zero_side,
         BN=cfg.BN,
         BV=cfg.BV,
         BD=cfg.BD,
@@ -319,15 +332,19 @@ def linear_divergence_fwd(
         p_lseq=out.lse_q,
         p_ent=out.entropy_p,
         p_div=out.div if kl_mode else None,
+        p_bad=bad,
         N=n,
         n_splits=splits,
         KL_MODE=kl_mode,
+        ZERO_SIDE=zero_side,
         BN=C.LDIV_COMBINE_BN,
         num_warps=C.LLP_COMBINE_NUM_WARPS,
         num_stages=C.LLP_COMBINE_NUM_STAGES,
     )
     if not kl_mode:  # second pass, both normalizers known
         _row_sums(heads, n, v, cfg, splits, out.lse_p, out.lse_q, kind, param, False, out.div)
+        if bad is not None:
+            out.div.masked_fill_(bad > 0, float("inf"))
     return out
 
 
@@ -335,6 +352,7 @@ def _coefficients(heads, n, v, cfg, saved: DivStats, kind, param, dev):
     """The row sums ``c_p``, ``c_q`` [N] fp32 of the backward (module docstring): closed forms
     from ``div``, or for jsd / tv one reduction pass for ``c_p`` and ``c_q = div - c_p``."""
     d = _launch.vec(saved.div, n, "div")
+    d = torch.where(torch.isfinite(d), d, 0.0)  # infinite rows get no gradient
     if kind in _NEEDS_CP_PASS:
         c_p = empty((n,), dtype=torch.float32, device=dev)
         n_vb = triton.cdiv(v, cfg.BV)
@@ -434,6 +452,10 @@ def linear_divergence_bwd(
     heads = _head_args(h_p, w_p, b_p, h_q, w_q, b_q, valid, opts_p, opts_q, (dot_p, dot_q))
     c_p = c_q = None
     if g_div is not None:
+        # rows whose divergence is infinite get no gradient (their g_div is 0 in the kernel)
+        g_div = torch.where(
+            torch.isfinite(_launch.vec(saved.div, n, "div")), _launch.vec(g_div, n, "g_div"), 0.0
+        )
         c_p, c_q = _coefficients(heads, n, v, FwdConfig(*cfg[:5]), saved, kind, param, dev)
     n_tb = triton.cdiv(n, cfg.BN)
     ws_elems = max(cfg.workspace_elems // (2 if want_q else 1), cfg.BN * cfg.BV)
@@ -469,7 +491,7 @@ def linear_divergence_bwd(
             p_ent=vec(saved.entropy_p, n, "entropy_p") if g_entropy is not None else None,
             p_cp=c_p,
             p_cq=c_q,
-            p_gdiv=vec(g_div, n, "g_div"),
+            p_gdiv=g_div,
             p_gent=vec(g_entropy, n, "g_entropy"),
             p_drp=ws_p,
             p_dbp=dbp_p,
@@ -530,7 +552,8 @@ def _aot_specs() -> list[AotSpec]:
                 common |= {"INPUT_PRECISION_P": "ieee", "INPUT_PRECISION_Q": "ieee"}
                 common |= {} if full else dict.fromkeys(("p_bp", "p_bq", "softcap_p", "softcap_q"))
                 kind = JSD.value if full else FKL.value
-                stats = {"NEED_ENT": full, "KL_MODE": _kl_mode(kind)}
+                # the full pass 1 is chi2's (no KL accumulator, infinite rows flagged)
+                stats = {"NEED_ENT": full, "KL_MODE": _kl_mode(kind), "ZERO_SIDE": 2 if full else 1}
                 sums = {"KIND": kind, "GRAD_P": full}
                 bwd = {"KIND": kind, "HAS_GDIV": True, "HAS_GENT": full, "HAS_DBP": full}
                 bwd |= {"HAS_DRQ": full, "HAS_DBQ": full}
@@ -554,8 +577,9 @@ def _aot_specs() -> list[AotSpec]:
                         )
                     )
     for full in (False, True):
-        cx = {"KL_MODE": 1 if not full else 0, "HAS_ENT": full, "HAS_DIV": not full, "BN": C.LDIV_COMBINE_BN}
-        cx |= {"p_div": None} if full else {"p_ent": None}
+        cx = {"KL_MODE": 0 if full else 1, "ZERO_SIDE": 2 if full else 1, "BN": C.LDIV_COMBINE_BN}
+        cx |= {"HAS_ENT": full, "HAS_DIV": not full, "HAS_BAD": full}
+        cx |= {"p_div": None} if full else {"p_ent": None, "p_bad": None}
         label = f"fp32 {'full' if full else 'plain'} BN={C.LDIV_COMBINE_BN} w{C.LLP_COMBINE_NUM_WARPS} s1"
         specs.append(
             aot_spec(

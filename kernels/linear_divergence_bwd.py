@@ -144,10 +144,13 @@ def _linear_divergence_bwd_kernel(
         b_g = tl.load(p_gdiv + o_n, mask=m_valid, other=0.0)[:, None]
         b_gp, b_gq = _div_grad_terms(b_lp, b_lq, param, KIND)
         b_cp = tl.load(p_cp + o_n, mask=m_valid, other=0.0)[:, None]
-        b_dzp += b_g * (b_gp - b_p * b_cp)
+        # a row whose divergence is infinite gets g_div = 0 from the launcher and no gradient
+        # (its terms may be inf / NaN): 0, never 0 * inf
+        m_g = b_g != 0.0
+        b_dzp += tl.where(m_g, b_g * (b_gp - b_p * b_cp), 0.0)
         if HAS_DRQ:
             b_cq = tl.load(p_cq + o_n, mask=m_valid, other=0.0)[:, None]
-            b_dzq += b_g * (b_gq - tl.exp(b_lq) * b_cq)
+            b_dzq += tl.where(m_g, b_g * (b_gq - tl.exp(b_lq) * b_cq), 0.0)
     if HAS_GENT:
         b_ge = tl.load(p_gent + o_n, mask=m_valid, other=0.0)[:, None]
         b_ent = tl.load(p_ent + o_n, mask=m_valid, other=0.0)[:, None]

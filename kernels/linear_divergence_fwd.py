@@ -36,7 +36,12 @@ _P_TP: tl.constexpr = tl.constexpr(2)  # sum exp(z_p - m_p) (z_p - m_p)  (entrop
 _P_MQ: tl.constexpr = tl.constexpr(3)
 _P_SQ: tl.constexpr = tl.constexpr(4)
 _P_W: tl.constexpr = tl.constexpr(5)  # KL accumulator (see _kl_rescale)
-N_PLANES = 6
+_P_BAD: tl.constexpr = tl.constexpr(6)  # 1 where the divergence is infinite (see ZERO_SIDE)
+N_PLANES = 7
+
+# A -inf transformed logit (a -inf bias entry, no soft-cap) is floored here after the infinite
+# rows are flagged, so that every term stays finite: exp(FLOOR - lse) is exactly 0 in fp32.
+FLOOR: tl.constexpr = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -89,6 +94,12 @@ def _two_tiles(
         INPUT_PRECISION_Q,
         BD,
     )
+    # -inf logits floored (module docstring of kernels/linear_divergence.py); a soft-capped
+    # logit is finite anyway
+    if not HAS_SOFTCAP_P:
+        b_zp = tl.maximum(b_zp, FLOOR)
+    if not HAS_SOFTCAP_Q:
+        b_zq = tl.maximum(b_zq, FLOOR)
     return b_zp, b_thp, b_zq, b_thq
 
 
@@ -108,6 +119,13 @@ def _kl_tile(b_zw, b_zo, b_mw, b_mo, m_col):
     b_e = tl.exp(b_zc)
     b_d = tl.where(b_e > 0.0, b_zc - (b_zo - b_mo[:, None]), 0.0)
     return tl.sum(b_e * b_d, axis=1)
+
+
+@triton.jit
+def _flag_zeros(b_z0, b_z1, m_col):
+    """Per row, 1 where some column has ``z0`` floored (zero probability) and ``z1`` not."""
+    m_hit = m_col & (b_z0 <= FLOOR) & (b_z1 > FLOOR)
+    return tl.max(m_hit.to(tl.int32), axis=1)
 
 
 @triton.jit
@@ -209,6 +227,7 @@ def _linear_divergence_stats_kernel(
     inv_temp_q,
     NEED_ENT: tl.constexpr,
     KL_MODE: tl.constexpr,
+    ZERO_SIDE: tl.constexpr,
     HAS_BIAS_P: tl.constexpr,
     HAS_BIAS_Q: tl.constexpr,
     HAS_SOFTCAP_P: tl.constexpr,
@@ -226,8 +245,9 @@ def _linear_divergence_stats_kernel(
     BD: tl.constexpr,
 ):
     """Pass 1, one (token block, vocab split): partial ``(m_p, s_p, t_p, m_q, s_q, w)`` per row into
-    ``p_part`` [6, splits, N] fp32. ``KL_MODE``: 0 no KL accumulator, 1 weighted by ``q``
-    (KL(q||p)), 2 weighted by ``p`` (KL(p||q))."""
+    ``p_part`` [7, splits, N] fp32. ``KL_MODE``: 0 no KL accumulator, 1 weighted by ``q``
+    (KL(q||p)), 2 weighted by ``p`` (KL(p||q)). ``ZERO_SIDE``: 1 (2) flags rows where ``p`` (``q``)
+    has a zero probability where the other head has mass (an infinite divergence), 0 none."""
     # program ids multiply row lengths (N * V, V * H can pass 2**31): int64 from here on
     i_n = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
@@ -245,6 +265,7 @@ def _linear_divergence_stats_kernel(
     acc_p = (zero + NEG_BIG, zero, zero, zero)  # (m, s, t, s2) of p
     acc_q = (zero + NEG_BIG, zero, zero, zero)
     b_w = zero
+    b_bad = tl.zeros([BN], dtype=tl.int32)
     src_p = (p_hp, p_wp, p_bp, HP, stride_hpn, stride_wpv, HP)
     src_q = (p_hq, p_wq, p_bq, HQ, stride_hqn, stride_wqv, HQ)
     tf_p = (scale_p, softcap_p, inv_temp_p)
@@ -279,6 +300,10 @@ def _linear_divergence_stats_kernel(
         b_mq0, b_sq0 = acc_q[0], acc_q[1]
         acc_p = online_update(acc_p, b_zp, m_v[None, :], NEED_ENT, False)
         acc_q = online_update(acc_q, b_zq, m_v[None, :], False, False)
+        if ZERO_SIDE == 1:  # p has no mass where q has some
+            b_bad |= _flag_zeros(b_zp, b_zq, m_v[None, :])
+        if ZERO_SIDE == 2:
+            b_bad |= _flag_zeros(b_zq, b_zp, m_v[None, :])
         if KL_MODE == 1:
             b_w = _kl_rescale(b_w, b_sq0, b_mq0, acc_q[0], b_mp0, acc_p[0])
             b_w += _kl_tile(b_zq, b_zp, acc_q[0], acc_p[0], m_v[None, :])
@@ -296,9 +321,11 @@ def _linear_divergence_stats_kernel(
         tl.store(p_part + _P_TP * plane + o_p, acc_p[2], mask=m_n)
     if KL_MODE != 0:
         tl.store(p_part + _P_W * plane + o_p, b_w, mask=m_n)
+    if ZERO_SIDE != 0:
+        tl.store(p_part + _P_BAD * plane + o_p, b_bad.to(tl.float32), mask=m_n)
 
 
-@flags_from_none(HAS_ENT="p_ent", HAS_DIV="p_div")
+@flags_from_none(HAS_ENT="p_ent", HAS_DIV="p_div", HAS_BAD="p_bad")
 @triton.jit(do_not_specialize=["N", "n_splits"])
 def _linear_divergence_combine_kernel(
     p_part,
@@ -307,16 +334,20 @@ def _linear_divergence_combine_kernel(
     p_lseq,
     p_ent,
     p_div,
+    p_bad,
     N,
     n_splits,
     KL_MODE: tl.constexpr,
+    ZERO_SIDE: tl.constexpr,
     HAS_ENT: tl.constexpr,
     HAS_DIV: tl.constexpr,
+    HAS_BAD: tl.constexpr,
     BN: tl.constexpr,
 ):
     """Merge the ``n_splits`` partials of ``BN`` rows in split order (deterministic) and write
-    ``lse_p``, ``lse_q`` (and ``entropy_p``; and with ``HAS_DIV`` the KL of ``KL_MODE``) [N] fp32;
-    exact zeros at invalid rows. ``KL = w / s_w - log s_w + log s_o``."""
+    ``lse_p``, ``lse_q`` (and ``entropy_p``; with ``HAS_DIV`` the KL of ``KL_MODE``, +inf at
+    flagged rows; with ``HAS_BAD`` the flags as 0 / 1) [N] fp32; exact zeros at invalid rows.
+    ``KL = w / s_w - log s_w + log s_o``."""
     # row indices times split counts can pass 2**31 with the plane offsets: int64
     i_n = tl.program_id(0).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -329,6 +360,7 @@ def _linear_divergence_combine_kernel(
     acc_p = (zero + NEG_BIG, zero, zero, zero)
     acc_q = (zero + NEG_BIG, zero, zero, zero)
     b_w = zero
+    b_bad = zero
     for k in range(0, n_splits):
         o_p = k * n_64 + o_n
         b_tk = zero
@@ -342,6 +374,8 @@ def _linear_divergence_combine_kernel(
         b_mq0, b_sq0 = acc_q[0], acc_q[1]
         acc_p = merge_partials(acc_p, (b_mpk, b_spk, b_tk, zero), HAS_ENT, False)
         acc_q = merge_partials(acc_q, (b_mqk, b_sqk, zero, zero), False, False)
+        if ZERO_SIDE != 0:
+            b_bad = tl.maximum(b_bad, tl.load(p_part + _P_BAD * plane + o_p, mask=m_n, other=0.0))
         if KL_MODE != 0:
             b_wk = tl.load(p_part + _P_W * plane + o_p, mask=m_n, other=0.0)
             if KL_MODE == 1:
@@ -365,7 +399,10 @@ def _linear_divergence_combine_kernel(
         else:
             b_kl = b_w / b_sp - b_logsp + b_logsq
         # KL >= 0: a negative value is rounding of a zero divergence
-        tl.store(p_div + o_n, tl.where(m_valid, tl.maximum(b_kl, 0.0), 0.0), mask=m_n)
+        b_kl = tl.where(b_bad > 0.0, float("inf"), tl.maximum(b_kl, 0.0))
+        tl.store(p_div + o_n, tl.where(m_valid, b_kl, 0.0), mask=m_n)
+    if HAS_BAD:
+        tl.store(p_bad + o_n, tl.where(m_valid, b_bad, 0.0), mask=m_n)
 
 
 @flags_from_none(HAS_BIAS_P="p_bp", HAS_BIAS_Q="p_bq", HAS_SOFTCAP_P="softcap_p", HAS_SOFTCAP_Q="softcap_q")

@@ -352,3 +352,43 @@ def test_dispatch_and_torch_engine_agree():
             assert_close(f"{div.kind} {div.generator} {k}", a, b, atol=2e-5 * max(1.0, a.abs().max().item()))
         for k, a, b in zip(names, grads[1], grads[0]):
             assert_close(f"{div.kind} {div.generator} {k}", a, b, atol=5e-5 * max(1.0, a.abs().max().item()))
+
+
+def test_minus_inf_logits():
+    """-inf logits (a -inf bias entry bans a token, no soft-cap): entries where both heads have
+    no mass contribute 0, a divergence that is infinite in exact arithmetic (mass where the other
+    head has none, for the kinds that are infinite there) is +inf, and its row gets no gradient.
+    Values against the family's float64 reference; gradients by float64 autograd through logits
+    floored at -1e30 (exactly zero probabilities, finite terms) on the finite rows."""
+    from alignops.reference.linear_divergence import divergence_ref as family_ref
+
+    names = P_GRADS + Q_GRADS
+    kinds = (D("forward_kl"), D("reverse_kl"), D("jsd", beta=0.4), D("tv"), D("alpha", alpha=-0.5))
+    kinds += (D("alpha", alpha=1.5), D("alpha", alpha=0.5), D("f", generator="chi2"))
+    for i, div in enumerate(kinds):
+        c = Case(div, N=9, V=70, bias_q=True, softcap_p=None, valid="some")
+        tensors, valid, ups = _inputs(c, seed=20 + i)
+        hp, wp, bp, hq, wq, bq = tensors
+        bp[[3, 50]] = float("-inf")  # banned by the student only (3), by both (50)
+        bq[[50, 61]] = float("-inf")  # banned by the teacher only (61)
+        op, oq = c.opts
+        st = K.linear_divergence_fwd(*tensors, valid, op, oq, div, want_entropy=True, config=SMALL_FWD)
+        ref = family_ref(_logits(hp, wp, bp, op, False), _logits(hq, wq, bq, oq, False), div, valid)
+        fin = torch.isfinite(ref[0])
+        assert torch.equal(torch.isfinite(st.div), fin), f"{div}: infinite rows differ"
+        assert bool((st.div[~fin] == float("inf")).all()), f"{div}: infinite rows must be +inf"
+        for k, r, o in zip(("div", "lse_p", "lse_q", "entropy_p"), ref, st):
+            assert_close(f"{div} {k}", r[fin], o[fin], atol=2e-5 * max(1.0, r[fin].abs().max().item()))
+        g = K.linear_divergence_bwd(
+            *tensors, valid, st, ups["div"], ups["entropy"], op, oq, div, **{f"need_{k}": True for k in names}
+        )
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        zp = _logits(*leaves[:3], op, False).clamp(min=-1e30)
+        zq = _logits(*leaves[3:], oq, False).clamp(min=-1e30)
+        keep = valid & fin
+        d64, _, _, _ = family_ref(zp[keep], zq[keep], div)
+        ent = family_ref(zp[valid], zq[valid], div)[3]
+        ((d64 * ups["div"][keep]).sum() + (ent * ups["entropy"][valid]).sum()).backward()
+        for k, out, leaf in zip(names, g, leaves):
+            r = leaf.grad
+            assert_close(f"{div} {k}", r, out, atol=5e-5 * max(1.0, r.abs().max().item()))
