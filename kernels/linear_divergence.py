@@ -24,6 +24,13 @@ elementwise term is written so that it is >= 0 (or a convex combination of such)
 does not cancel: the alpha term adds the linear part ``a p + (1 - a) q`` (which sums to 1), the
 chi^2 term is ``q (p / q - 1)^2`` (finite where ``q`` underflows).
 
+Zero probabilities: a ``-inf`` transformed logit (a ``-inf`` bias entry, no soft-cap) is
+floored at ``-1e30`` in every tile (``exp(-1e30 - lse)`` is exactly 0, and every term stays
+finite), after pass 1 has flagged the rows whose divergence is infinite in exact arithmetic:
+mass of the other head where ``p`` has none (KL(q||p), alpha < 0) or where ``q`` has none
+(KL(p||q), alpha > 1, chi2). Those rows hold ``+inf`` and get no gradient; an entry where both
+heads have no mass contributes 0 (the conventions of ``alignops/reference/linear_divergence.py``).
+
 Passes (each pass recomputes both heads' logits tiles: two ``tl.dot`` loops per ``[BN, BV]``):
 
 * one pass for forward_kl / reverse_kl (and the student's entropy): the online log-sum-exp of
@@ -69,20 +76,28 @@ import triton
 from . import _launch
 from . import constants as C
 from ._aot import TRITON_TYPE, AotSpec, aot_spec
-from ._common import DivergenceOptions, DivStats, LogitOptions, check_divergence_inputs, empty
+from ._common import DivergenceOptions, DivStats, LogitOptions, empty
 from .linear_divergence_bwd import _linear_divergence_bwd_kernel
 from .linear_divergence_fwd import (
-    ALPHA,
-    CHI2,
     FKL,
-    HELLINGER,
     JSD,
-    N_PLANES,
-    RKL,
-    TV,
     _linear_divergence_combine_kernel,
     _linear_divergence_stats_kernel,
     _linear_divergence_sum_kernel,
+)
+from .linear_divergence_host import (
+    _check,
+    _check_logits,
+    _contract,
+    _forward,
+    _grad_coefficients,
+    _head_args,
+    _kl_mode,
+    _logits_args,
+    _saved_args,
+    bwd_config,
+    fwd_config,
+    kind_code,
 )
 from .linear_logprobs import BwdConfig, FwdConfig
 
@@ -93,176 +108,9 @@ __all__ = [
     "kind_code",
     "linear_divergence_bwd",
     "linear_divergence_fwd",
+    "logits_divergence_bwd",
+    "logits_divergence_fwd",
 ]
-
-# f-divergence generators as (kind code, parameter): see the module docstring
-_GENERATORS = {
-    "kl": (RKL.value, 0.0),
-    "reverse_kl": (FKL.value, 0.0),
-    "hellinger": (HELLINGER.value, 0.0),
-    "chi2": (CHI2.value, 0.0),
-    "js": (JSD.value, 0.5),
-    "tv": (TV.value, 0.0),
-}
-#: Kinds whose backward takes a reduction pass for ``c_p`` (the others have it in closed form).
-_NEEDS_CP_PASS = (JSD.value, TV.value)
-
-
-def kind_code(div: DivergenceOptions) -> tuple[int, float]:
-    """``(KIND, param)`` of the kernels for ``div``: beta 0 / 1 and alpha 0 / 1 are the two KLs."""
-    k = div.kind
-    if k == "forward_kl":
-        return FKL.value, 0.0
-    if k == "reverse_kl":
-        return RKL.value, 0.0
-    if k == "jsd":
-        if div.beta == 0.0:
-            return FKL.value, 0.0
-        if div.beta == 1.0:
-            return RKL.value, 0.0
-        return JSD.value, div.beta
-    if k == "tv":
-        return TV.value, 0.0
-    if k == "alpha":
-        if div.alpha == 0.0:
-            return FKL.value, 0.0
-        if div.alpha == 1.0:
-            return RKL.value, 0.0
-        return ALPHA.value, div.alpha
-    return _GENERATORS[div.generator]
-
-
-def _zero_side(kind: int, param: float) -> int:
-    """Which head's zero probabilities make the divergence infinite where the other head has mass:
-    1 ``p`` (KL(q||p), alpha < 0), 2 ``q`` (KL(p||q), alpha > 1, chi2), 0 neither (always finite)."""
-    if kind == FKL.value or (kind == ALPHA.value and param < 0.0):
-        return 1
-    if kind in (RKL.value, CHI2.value) or (kind == ALPHA.value and param > 1.0):
-        return 2
-    return 0
-
-
-def _kl_mode(kind: int) -> int:
-    """Pass-1 KL accumulator: 1 weighted by ``q`` (KL(q||p)), 2 by ``p`` (KL(p||q)), 0 none."""
-    return {FKL.value: 1, RKL.value: 2}.get(kind, 0)
-
-
-# ----------------------------------------------------------------------------------------------
-# configs
-# ----------------------------------------------------------------------------------------------
-
-
-def _tile(n: int, dot_p: torch.dtype, dot_q: torch.dtype) -> tuple[int, int, int]:
-    """``(BN, BD, stages)``: 64-row token blocks of 16-bit matmuls, 16 rows for tiny batches and
-    fp32 matmuls (fp32 hidden chunks ``BD`` if either head's matmul is fp32)."""
-    fp32 = torch.float32 in (dot_p, dot_q)
-    bd = C.LLP_BD_FP32 if fp32 else C.LLP_BD_16BIT
-    if n <= C.LLP_SMALL_N_MAX or fp32:
-        return C.LDIV_BN_FP32 if fp32 else C.LLP_BN_SMALL, bd, C.LDIV_NUM_STAGES_SMALL
-    return C.LLP_BN, bd, C.LDIV_NUM_STAGES
-
-
-def fwd_config(n: int, dot_p: torch.dtype, dot_q: torch.dtype) -> FwdConfig:
-    """Default config of the forward passes (``_tile``), vocab block ``LDIV_BV``, 8 warps."""
-    bn, bd, stages = _tile(n, dot_p, dot_q)
-    return FwdConfig(bn, C.LDIV_BV, bd, C.LDIV_NUM_WARPS, stages)
-
-
-def bwd_config(n: int, h: int, dot_p: torch.dtype, dot_q: torch.dtype) -> BwdConfig:
-    """Default backward config: the forward's tile, workspace ``max(N * H, floor)`` elements in
-    all (split between the heads when both get a gradient)."""
-    bn, bd, stages = _tile(n, dot_p, dot_q)
-    ws = max(n * h, C.LLP_WORKSPACE_FLOOR_ELEMS)
-    return BwdConfig(bn, C.LDIV_BV, bd, C.LDIV_NUM_WARPS, stages, ws)
-
-
-def _num_splits(n_token_blocks: int, n_vocab_blocks: int, device: torch.device) -> int:
-    target = C.LLP_PROGRAMS_PER_SM * _launch.sm_count(device)
-    return max(1, min(triton.cdiv(target, n_token_blocks), n_vocab_blocks, C.LLP_MAX_SPLITS))
-
-
-# ----------------------------------------------------------------------------------------------
-# launchers
-# ----------------------------------------------------------------------------------------------
-
-
-def _check(h_p, w_p, b_p, h_q, w_q, b_q, valid):
-    """The family's contract (``kernels/_common.py::check_divergence_inputs``: both heads, one
-    vocabulary, one token count, ``valid [N]`` bool, one device), plus what the kernels add:
-    16- or 32-bit floats and a CUDA device (or the interpreter)."""
-    if w_q is None:
-        raise ValueError("the dense launchers need the teacher head h_q, w_q")
-    dot_p, dot_q = check_divergence_inputs(h_p, w_p, b_p, h_q, w_q, b_q, valid)
-    if torch.float64 in (dot_p, dot_q):
-        raise TypeError("the Triton kernels take float16 / bfloat16 / float32 (float64: the torch engine)")
-    _launch.check_device(h_p)
-    return h_p.shape[0], w_p.shape[0], dot_p, dot_q
-
-
-def _head_args(h_p, w_p, b_p, h_q, w_q, b_q, valid, opts_p: LogitOptions, opts_q: LogitOptions, dots):
-    """Kernel arguments shared by every pass: both heads' pointers, sizes, strides, transforms and
-    dot flags (``_launch.dot_flags`` per head, suffixed ``P`` / ``Q``)."""
-    args = dict(
-        p_hp=h_p,
-        p_wp=w_p,
-        p_bp=b_p,
-        p_hq=h_q,
-        p_wq=w_q,
-        p_bq=b_q,
-        p_valid=valid.contiguous().view(torch.uint8),
-        HP=h_p.shape[1],
-        HQ=h_q.shape[1],
-        stride_hpn=h_p.stride(0),
-        stride_wpv=w_p.stride(0),
-        stride_hqn=h_q.stride(0),
-        stride_wqv=w_q.stride(0),
-    )
-    for tag, h, w, o, dot in (("p", h_p, w_p, opts_p, dots[0]), ("q", h_q, w_q, opts_q, dots[1])):
-        args |= {
-            f"scale_{tag}": o.logit_scale,
-            f"softcap_{tag}": o.softcap,
-            f"inv_temp_{tag}": 1.0 / o.temperature,
-        }
-        flags = _launch.dot_flags(h.dtype, w.dtype, dot)
-        t = tag.upper()
-        args |= {
-            f"CAST_H{t}": flags["CAST_H"],
-            f"CAST_W{t}": flags["CAST_W"],
-            f"INTERP_BF16_{t}": flags["INTERP_BF16"],
-            f"INPUT_PRECISION_{t}": flags["INPUT_PRECISION"],
-        }
-    return args
-
-
-def _row_sums(
-    heads: dict, n: int, v: int, cfg: FwdConfig, splits: int, lse_p, lse_q, kind, param, grad_p, out
-):
-    """Pass 2 (``grad_p`` False: the divergence) or the backward's ``c_p`` pass into ``out [N]``:
-    per-split row sums, then their sum over splits in split order (deterministic)."""
-    n_vb = triton.cdiv(v, cfg.BV)
-    blocks_per_split = triton.cdiv(n_vb, splits)
-    splits = triton.cdiv(n_vb, blocks_per_split)
-    part = empty((splits, n), dtype=torch.float32, device=out.device)
-    _launch.launch(
-        _linear_divergence_sum_kernel,
-        (triton.cdiv(n, cfg.BN), splits),
-        **heads,
-        p_lsep=lse_p,
-        p_lseq=lse_q,
-        p_out=part,
-        N=n,
-        V=v,
-        blocks_per_split=blocks_per_split,
-        param=param,
-        KIND=kind,
-        GRAD_P=grad_p,
-        BN=cfg.BN,
-        BV=cfg.BV,
-        BD=cfg.BD,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
-    torch.sum(part, dim=0, out=out)
 
 
 def linear_divergence_fwd(
@@ -298,92 +146,7 @@ def linear_divergence_fwd(
         return out
     cfg = config or fwd_config(n, dot_p, dot_q)
     heads = _head_args(h_p, w_p, b_p, h_q, w_q, b_q, valid, opts_p, opts_q, (dot_p, dot_q))
-    n_tb, n_vb = triton.cdiv(n, cfg.BN), triton.cdiv(v, cfg.BV)
-    splits = cfg.num_splits or _num_splits(n_tb, n_vb, dev)
-    blocks_per_split = triton.cdiv(n_vb, max(1, min(splits, n_vb)))
-    splits = triton.cdiv(n_vb, blocks_per_split)  # no empty split
-    part = empty((N_PLANES, splits, n), dtype=torch.float32, device=dev)
-    kl_mode, zero_side = _kl_mode(kind), _zero_side(kind, param)
-    # infinite-divergence flags of a two-pass kind (the combine kernel applies a KL's itself)
-    bad = empty((n,), dtype=torch.float32, device=dev) if zero_side and not kl_mode else None
-    _launch.launch(
-        _linear_divergence_stats_kernel,
-        (n_tb, splits),
-        **heads,
-        p_part=part,
-        N=n,
-        V=v,
-        blocks_per_split=blocks_per_split,
-        NEED_ENT=want_entropy,
-        KL_MODE=kl_mode,
-        ZERO_SIDE=zero_side,
-        BN=cfg.BN,
-        BV=cfg.BV,
-        BD=cfg.BD,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
-    _launch.launch(
-        _linear_divergence_combine_kernel,
-        (triton.cdiv(n, C.LDIV_COMBINE_BN),),
-        p_part=part,
-        p_valid=heads["p_valid"],
-        p_lsep=out.lse_p,
-        p_lseq=out.lse_q,
-        p_ent=out.entropy_p,
-        p_div=out.div if kl_mode else None,
-        p_bad=bad,
-        N=n,
-        n_splits=splits,
-        KL_MODE=kl_mode,
-        ZERO_SIDE=zero_side,
-        BN=C.LDIV_COMBINE_BN,
-        num_warps=C.LLP_COMBINE_NUM_WARPS,
-        num_stages=C.LLP_COMBINE_NUM_STAGES,
-    )
-    if not kl_mode:  # second pass, both normalizers known
-        _row_sums(heads, n, v, cfg, splits, out.lse_p, out.lse_q, kind, param, False, out.div)
-        if bad is not None:
-            out.div.masked_fill_(bad > 0, float("inf"))
-    return out
-
-
-def _coefficients(heads, n, v, cfg, saved: DivStats, kind, param, dev):
-    """The row sums ``c_p``, ``c_q`` [N] fp32 of the backward (module docstring): closed forms
-    from ``div``, or for jsd / tv one reduction pass for ``c_p`` and ``c_q = div - c_p``."""
-    d = _launch.vec(saved.div, n, "div")
-    d = torch.where(torch.isfinite(d), d, 0.0)  # infinite rows get no gradient
-    if kind in _NEEDS_CP_PASS:
-        c_p = empty((n,), dtype=torch.float32, device=dev)
-        n_vb = triton.cdiv(v, cfg.BV)
-        splits = cfg.num_splits or _num_splits(triton.cdiv(n, cfg.BN), n_vb, dev)
-        lse_p, lse_q = _launch.vec(saved.lse_p, n, "lse_p"), _launch.vec(saved.lse_q, n, "lse_q")
-        _row_sums(heads, n, v, cfg, splits, lse_p, lse_q, kind, param, True, c_p)
-        return c_p, d - c_p
-    if kind == FKL.value:
-        return torch.full_like(d, -1.0), d + 1.0
-    if kind == RKL.value:
-        return d + 1.0, torch.full_like(d, -1.0)
-    if kind == ALPHA.value:
-        return param * d, (1.0 - param) * d
-    if kind == HELLINGER.value:
-        return 0.5 * d, 0.5 * d
-    return 2.0 * d, -d  # CHI2
-
-
-def _contract(dr, h_dot, w, v0, cnt, dot, dw, db, dbp, dh_acc):
-    """One vocabulary chunk's GEMMs of one head: ``dW[chunk] = dr.T @ h`` (written once),
-    ``db[chunk]`` = column sums, ``dh += dr @ W[chunk]`` (fp32 accumulator)."""
-    if dw is not None:
-        if dw.dtype == dot:
-            torch.mm(dr.T, h_dot, out=dw[v0 : v0 + cnt])  # [cnt, N] @ [N, H]
-        else:  # fp32 master weight: its gradient is the matmul-dtype product, widened
-            dw[v0 : v0 + cnt].copy_(dr.T @ h_dot)
-    if db is not None:
-        db[v0 : v0 + cnt] = dbp[:, :cnt].sum(dim=0)
-    if dh_acc is not None:
-        w_chunk = w[v0 : v0 + cnt]
-        _launch.mm_accumulate_fp32(dh_acc, dr, w_chunk if w_chunk.dtype == dot else w_chunk.to(dot))
+    return _forward(heads, n, v, kind, param, cfg, out)
 
 
 def linear_divergence_bwd(
@@ -450,13 +213,8 @@ def linear_divergence_bwd(
 
     cfg = config or bwd_config(n, max(h_p.shape[1], h_q.shape[1]), dot_p, dot_q)
     heads = _head_args(h_p, w_p, b_p, h_q, w_q, b_q, valid, opts_p, opts_q, (dot_p, dot_q))
-    c_p = c_q = None
-    if g_div is not None:
-        # rows whose divergence is infinite get no gradient (their g_div is 0 in the kernel)
-        g_div = torch.where(
-            torch.isfinite(_launch.vec(saved.div, n, "div")), _launch.vec(g_div, n, "g_div"), 0.0
-        )
-        c_p, c_q = _coefficients(heads, n, v, FwdConfig(*cfg[:5]), saved, kind, param, dev)
+    g_div, c_p, c_q = _grad_coefficients(heads, n, v, FwdConfig(*cfg[:5]), saved, g_div, kind, param, dev)
+    saved_args = _saved_args(saved, g_div, g_entropy, c_p, c_q, n)
     n_tb = triton.cdiv(n, cfg.BN)
     ws_elems = max(cfg.workspace_elems // (2 if want_q else 1), cfg.BN * cfg.BV)
     # vocab chunks over all tokens, never the whole vocabulary when V > BV (no [N, V] tensor)
@@ -479,20 +237,13 @@ def linear_divergence_bwd(
 
     hp_dot, dhp_acc = head_state(h_p, dh_p, need_dh_p, dot_p)
     hq_dot, dhq_acc = head_state(h_q, dh_q, need_dh_q and want_q, dot_q) if want_q else (None, None)
-    vec = _launch.vec
     for v0 in range(0, v, vc):
         cnt = min(vc, v - v0)
         _launch.launch(
             _linear_divergence_bwd_kernel,
             (n_tb, triton.cdiv(cnt, cfg.BV)),
             **heads,
-            p_lsep=vec(saved.lse_p, n, "lse_p"),
-            p_lseq=vec(saved.lse_q, n, "lse_q"),
-            p_ent=vec(saved.entropy_p, n, "entropy_p") if g_entropy is not None else None,
-            p_cp=c_p,
-            p_cq=c_q,
-            p_gdiv=g_div,
-            p_gent=vec(g_entropy, n, "g_entropy"),
+            **saved_args,
             p_drp=ws_p,
             p_dbp=dbp_p,
             p_drq=ws_q,
@@ -517,6 +268,98 @@ def linear_divergence_bwd(
         if acc is not None and acc is not dh:
             dh.copy_(acc)
     return grads
+
+
+def logits_divergence_fwd(
+    logits_p: torch.Tensor,
+    logits_q: torch.Tensor,
+    valid: torch.Tensor,
+    opts_p: LogitOptions,
+    opts_q: LogitOptions,
+    div: DivergenceOptions,
+    *,
+    want_entropy: bool = False,
+    config: FwdConfig | None = None,
+) -> DivStats:
+    """:func:`linear_divergence_fwd` for callers holding both heads' raw logits ``[N, V]`` (bf16 /
+    fp16 / fp32, any row stride, contiguous vocabulary): the same passes, each tile read instead
+    of computed, no ``[N, V]`` temporary."""
+    n, v = _check_logits(logits_p, logits_q, valid)
+    kind, param = kind_code(div)
+    dev = logits_p.device
+
+    def vec_out(need=True):
+        return empty((n,), dtype=torch.float32, device=dev) if need else None
+
+    out = DivStats(vec_out(), vec_out(), vec_out(), vec_out(want_entropy))
+    if n == 0:
+        return out
+    cfg = config or fwd_config(n, logits_p.dtype, logits_q.dtype)
+    return _forward(_logits_args(logits_p, logits_q, valid, opts_p, opts_q), n, v, kind, param, cfg, out)
+
+
+def logits_divergence_bwd(
+    logits_p: torch.Tensor,
+    logits_q: torch.Tensor,
+    valid: torch.Tensor,
+    saved: DivStats,
+    g_div: torch.Tensor | None,
+    g_entropy: torch.Tensor | None,
+    opts_p: LogitOptions,
+    opts_q: LogitOptions,
+    div: DivergenceOptions,
+    *,
+    need_dp: bool,
+    need_dq: bool,
+    config: BwdConfig | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(dlogits_p, dlogits_q)`` ``[N, V]`` in the logits' dtypes (None unless asked) for
+    :func:`logits_divergence_fwd`: one pass writes each gradient element once (two for jsd / tv,
+    whose row coefficient takes a reduction pass first); rows outside ``valid`` get 0."""
+    n, v = _check_logits(logits_p, logits_q, valid)
+    kind, param = kind_code(div)
+    if g_entropy is not None and saved.entropy_p is None:
+        raise ValueError("a gradient of entropy_p needs the forward's entropy_p")
+    dev = logits_p.device
+    d_p = empty((n, v), dtype=logits_p.dtype, device=dev) if need_dp else None
+    d_q = empty((n, v), dtype=logits_q.dtype, device=dev) if need_dq else None
+    if n == 0 or (g_div is None and g_entropy is None):
+        for t in (d_p, d_q):
+            if t is not None:
+                t.zero_()
+        return d_p, d_q
+    q_out = d_q
+    if d_q is not None and g_div is None:  # the entropy is the student's: no teacher gradient
+        d_q.zero_()
+        q_out = None
+    if d_p is None and q_out is None:
+        return d_p, d_q
+    heads = _logits_args(logits_p, logits_q, valid, opts_p, opts_q)
+    cfg = config or bwd_config(n, 0, logits_p.dtype, logits_q.dtype)
+    g_div, c_p, c_q = _grad_coefficients(heads, n, v, FwdConfig(*cfg[:5]), saved, g_div, kind, param, dev)
+    _launch.launch(
+        _linear_divergence_bwd_kernel,
+        (triton.cdiv(n, cfg.BN), triton.cdiv(v, cfg.BV)),
+        **heads,
+        **_saved_args(saved, g_div, g_entropy, c_p, c_q, n),
+        p_drp=d_p,
+        p_dbp=None,
+        p_drq=q_out,
+        p_dbq=None,
+        n_count=n,
+        v_lo=0,
+        v_count=v,
+        stride_dr=v,
+        stride_db=0,
+        param=param,
+        KIND=kind,
+        BN=cfg.BN,
+        BV=cfg.BV,
+        BD=cfg.BD,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return d_p, d_q
 
 
 # ----------------------------------------------------------------------------------------------
@@ -549,13 +392,13 @@ def _aot_specs() -> list[AotSpec]:
                 }
                 common |= {"CAST_HP": False, "CAST_WP": mixed, "CAST_HQ": False, "CAST_WQ": mixed}
                 common |= {"INTERP_BF16_P": False, "INTERP_BF16_Q": False}
-                common |= {"INPUT_PRECISION_P": "ieee", "INPUT_PRECISION_Q": "ieee"}
+                common |= {"INPUT_PRECISION_P": "ieee", "INPUT_PRECISION_Q": "ieee", "FROM_LOGITS": False}
                 common |= {} if full else dict.fromkeys(("p_bp", "p_bq", "softcap_p", "softcap_q"))
                 kind = JSD.value if full else FKL.value
                 # the full pass 1 is chi2's (no KL accumulator, infinite rows flagged)
                 stats = {"NEED_ENT": full, "KL_MODE": _kl_mode(kind), "ZERO_SIDE": 2 if full else 1}
                 sums = {"KIND": kind, "GRAD_P": full}
-                bwd = {"KIND": kind, "HAS_GDIV": True, "HAS_GENT": full, "HAS_DBP": full}
+                bwd = {"KIND": kind, "HAS_GDIV": True, "HAS_GENT": full, "HAS_DRP": True, "HAS_DBP": full}
                 bwd |= {"HAS_DRQ": full, "HAS_DBQ": full}
                 bwd |= {} if full else dict.fromkeys(("p_ent", "p_gent", "p_dbp", "p_drq", "p_dbq", "p_cq"))
                 builds = [(_linear_divergence_stats_kernel, stats), (_linear_divergence_bwd_kernel, bwd)]
@@ -576,6 +419,25 @@ def _aot_specs() -> list[AotSpec]:
                             label=label,
                         )
                     )
+    for dtype in (torch.bfloat16, torch.float32):  # the logits launchers: tiles read, not computed
+        ty = TRITON_TYPE[dtype]
+        cfg = fwd_config(C.LLP_SMALL_N_MAX + 1, dtype, dtype)
+        ptrs = {"p_valid": "u8", "p_hp": ty, "p_wp": ty, "p_hq": ty, "p_wq": ty, "p_drp": ty, "p_drq": ty}
+        common = {f"HAS_BIAS_{t}": False for t in "PQ"} | {f"HAS_SOFTCAP_{t}": True for t in "PQ"}
+        common |= {f"{f}{t}": False for f in ("CAST_H", "CAST_W", "INTERP_BF16_") for t in "PQ"}
+        common |= {"INPUT_PRECISION_P": "ieee", "INPUT_PRECISION_Q": "ieee", "FROM_LOGITS": True}
+        common |= {"p_bp": None, "p_bq": None, "BN": cfg.BN, "BV": cfg.BV, "BD": cfg.BD}
+        bwd = {"KIND": JSD.value, "HAS_GDIV": True, "HAS_GENT": True, "HAS_DRP": True, "HAS_DRQ": True}
+        bwd |= {"HAS_DBP": False, "HAS_DBQ": False, "p_dbp": None, "p_dbq": None}
+        for kernel, extra in (
+            (_linear_divergence_stats_kernel, {"NEED_ENT": True, "KL_MODE": 0, "ZERO_SIDE": 2}),
+            (_linear_divergence_sum_kernel, {"KIND": JSD.value, "GRAD_P": True}),
+            (_linear_divergence_bwd_kernel, bwd),
+        ):
+            label = f"{ty} logits full BN={cfg.BN} BV={cfg.BV} w{cfg.num_warps} s{cfg.num_stages}"
+            warps, stages = cfg.num_warps, cfg.num_stages
+            cx = common | extra
+            specs.append(aot_spec(kernel, cx, pointer_types=ptrs, warps=warps, stages=stages, label=label))
     for full in (False, True):
         cx = {"KL_MODE": 0 if full else 1, "ZERO_SIDE": 2 if full else 1, "BN": C.LDIV_COMBINE_BN}
         cx |= {"HAS_ENT": full, "HAS_DIV": not full, "HAS_BAD": full}

@@ -22,6 +22,7 @@ from .linear_divergence_fwd import _div_grad_terms, _two_tiles
     HAS_BIAS_Q="p_bq",
     HAS_SOFTCAP_P="softcap_p",
     HAS_SOFTCAP_Q="softcap_q",
+    HAS_DRP="p_drp",
     HAS_DBP="p_dbp",
     HAS_DRQ="p_drq",
     HAS_DBQ="p_dbq",
@@ -71,6 +72,7 @@ def _linear_divergence_bwd_kernel(
     HAS_BIAS_Q: tl.constexpr,
     HAS_SOFTCAP_P: tl.constexpr,
     HAS_SOFTCAP_Q: tl.constexpr,
+    HAS_DRP: tl.constexpr,
     HAS_DBP: tl.constexpr,
     HAS_DRQ: tl.constexpr,
     HAS_DBQ: tl.constexpr,
@@ -87,6 +89,7 @@ def _linear_divergence_bwd_kernel(
     BN: tl.constexpr,
     BV: tl.constexpr,
     BD: tl.constexpr,
+    FROM_LOGITS: tl.constexpr,
 ):
     """One [BN, BV] tile of the chunk (rows ``[0, n_count)``, vocab rows ``v_lo + [0, v_count)``)::
 
@@ -133,6 +136,7 @@ def _linear_divergence_bwd_kernel(
         INTERP_BF16_Q,
         INPUT_PRECISION_Q,
         BD,
+        FROM_LOGITS,
     )
     m_tile = m_valid[:, None] & m_c[None, :]
     b_lp = tl.where(m_tile, b_zp - tl.load(p_lsep + o_n, mask=m_valid, other=0.0)[:, None], 0.0)
@@ -160,9 +164,10 @@ def _linear_divergence_bwd_kernel(
 
     m_out = m_n[:, None] & m_c[None, :]
     o_out = o_n[:, None] * stride_dr + o_c[None, :]
-    tl.store(p_drp + o_out, for_store(b_drp, p_drp, INTERP_BF16_P), mask=m_out)
-    if HAS_DBP:
-        tl.store(p_dbp + i_n * stride_db + o_c, tl.sum(b_drp, axis=0), mask=m_c)
+    if HAS_DRP:
+        tl.store(p_drp + o_out, for_store(b_drp, p_drp, INTERP_BF16_P), mask=m_out)
+        if HAS_DBP:
+            tl.store(p_dbp + i_n * stride_db + o_c, tl.sum(b_drp, axis=0), mask=m_c)
     if HAS_DRQ:
         b_dzq = tl.where(m_tile, b_dzq, 0.0)
         b_drq = transform_grad(b_dzq, b_thq, scale_q, inv_temp_q, HAS_SOFTCAP_Q)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._jit import NEG_BIG, flags_from_none, merge_partials, online_update
+from ._jit import NEG_BIG, flags_from_none, merge_partials, online_update, transform
 from .linear_logprobs_fwd import _logits_tile
 
 # Kind codes (constexpr KIND); the launcher maps DivergenceOptions onto them.
@@ -65,9 +65,79 @@ def _two_tiles(
     INTERP_BF16_Q: tl.constexpr,
     INPUT_PRECISION_Q: tl.constexpr,
     BD: tl.constexpr,
+    FROM_LOGITS: tl.constexpr,
 ):
     """Transformed logits of both heads, ``(z_p, th_p, z_q, th_q)`` each ``[BN, BV]`` fp32
-    (``kernels/linear_logprobs_fwd.py::_logits_tile`` once per head, each with its own flags)."""
+    (``kernels/linear_logprobs_fwd.py::_logits_tile`` once per head, each with its own flags).
+    ``FROM_LOGITS``: the raw logits are read from ``src[0]`` ``[N, V]`` (row stride ``src[4]``)
+    instead of computed."""
+    if FROM_LOGITS:
+        b_zp, b_thp = _read_tile(src_p, tf_p, rows, cols, HAS_SOFTCAP_P)
+        b_zq, b_thq = _read_tile(src_q, tf_q, rows, cols, HAS_SOFTCAP_Q)
+    else:
+        b_zp, b_thp, b_zq, b_thq = _matmul_tiles(
+            src_p,
+            tf_p,
+            src_q,
+            tf_q,
+            rows,
+            cols,
+            HAS_BIAS_P,
+            HAS_SOFTCAP_P,
+            CAST_HP,
+            CAST_WP,
+            INTERP_BF16_P,
+            INPUT_PRECISION_P,
+            HAS_BIAS_Q,
+            HAS_SOFTCAP_Q,
+            CAST_HQ,
+            CAST_WQ,
+            INTERP_BF16_Q,
+            INPUT_PRECISION_Q,
+            BD,
+        )
+    # -inf logits floored (module docstring of kernels/linear_divergence.py); a soft-capped
+    # logit is finite anyway
+    if not HAS_SOFTCAP_P:
+        b_zp = tl.maximum(b_zp, FLOOR)
+    if not HAS_SOFTCAP_Q:
+        b_zq = tl.maximum(b_zq, FLOOR)
+    return b_zp, b_thp, b_zq, b_thq
+
+
+@triton.jit
+def _read_tile(src, tf, rows, cols, HAS_SOFTCAP: tl.constexpr):
+    """One head's transformed logits tile read from the caller's logits ``[N, V]``."""
+    p_x = src[0]
+    stride_xn = src[4]
+    o_n, m_n = rows
+    o_v, m_v = cols
+    b_r = tl.load(p_x + o_n[:, None] * stride_xn + o_v[None, :], mask=m_n[:, None] & m_v[None, :], other=0.0)
+    return transform(b_r.to(tl.float32), tf[0], tf[1], tf[2], HAS_SOFTCAP)
+
+
+@triton.jit
+def _matmul_tiles(
+    src_p,
+    tf_p,
+    src_q,
+    tf_q,
+    rows,
+    cols,
+    HAS_BIAS_P: tl.constexpr,
+    HAS_SOFTCAP_P: tl.constexpr,
+    CAST_HP: tl.constexpr,
+    CAST_WP: tl.constexpr,
+    INTERP_BF16_P: tl.constexpr,
+    INPUT_PRECISION_P: tl.constexpr,
+    HAS_BIAS_Q: tl.constexpr,
+    HAS_SOFTCAP_Q: tl.constexpr,
+    CAST_HQ: tl.constexpr,
+    CAST_WQ: tl.constexpr,
+    INTERP_BF16_Q: tl.constexpr,
+    INPUT_PRECISION_Q: tl.constexpr,
+    BD: tl.constexpr,
+):
     b_zp, b_thp = _logits_tile(
         src_p,
         tf_p,
@@ -94,12 +164,6 @@ def _two_tiles(
         INPUT_PRECISION_Q,
         BD,
     )
-    # -inf logits floored (module docstring of kernels/linear_divergence.py); a soft-capped
-    # logit is finite anyway
-    if not HAS_SOFTCAP_P:
-        b_zp = tl.maximum(b_zp, FLOOR)
-    if not HAS_SOFTCAP_Q:
-        b_zq = tl.maximum(b_zq, FLOOR)
     return b_zp, b_thp, b_zq, b_thq
 
 
@@ -243,6 +307,7 @@ def _linear_divergence_stats_kernel(
     BN: tl.constexpr,
     BV: tl.constexpr,
     BD: tl.constexpr,
+    FROM_LOGITS: tl.constexpr,
 ):
     """Pass 1, one (token block, vocab split): partial ``(m_p, s_p, t_p, m_q, s_q, w)`` per row into
     ``p_part`` [7, splits, N] fp32. ``KL_MODE``: 0 no KL accumulator, 1 weighted by ``q``
@@ -295,6 +360,7 @@ def _linear_divergence_stats_kernel(
             INTERP_BF16_Q,
             INPUT_PRECISION_Q,
             BD,
+            FROM_LOGITS,
         )
         b_mp0, b_sp0 = acc_p[0], acc_p[1]
         b_mq0, b_sq0 = acc_q[0], acc_q[1]
@@ -451,6 +517,7 @@ def _linear_divergence_sum_kernel(
     BN: tl.constexpr,
     BV: tl.constexpr,
     BD: tl.constexpr,
+    FROM_LOGITS: tl.constexpr,
 ):
     """Pass 2, one (token block, vocab split), both normalizers known (``p_lsep``, ``p_lseq`` [N]):
     the split's row sums of ``phi`` (``GRAD_P`` false: the divergence) or of ``p dphi/dp``
@@ -498,6 +565,7 @@ def _linear_divergence_sum_kernel(
             INTERP_BF16_Q,
             INPUT_PRECISION_Q,
             BD,
+            FROM_LOGITS,
         )
         m_tile = m_valid[:, None] & m_v[None, :]
         # off the tile both log-probs are 0 (finite terms), then the term is masked to 0

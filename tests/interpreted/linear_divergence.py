@@ -392,3 +392,58 @@ def test_minus_inf_logits():
         for k, out, leaf in zip(names, g, leaves):
             r = leaf.grad
             assert_close(f"{div} {k}", r, out, atol=5e-5 * max(1.0, r.abs().max().item()))
+
+
+@pytest.mark.parametrize(
+    "div,dtype,need",
+    [
+        pytest.param(D("forward_kl"), torch.float32, (True, True), id="fkl-fp32"),
+        pytest.param(D("jsd", beta=0.3), torch.float32, (True, True), id="jsd-fp32"),
+        pytest.param(D("tv"), torch.float32, (False, True), id="tv-dq-only"),
+        pytest.param(D("alpha", alpha=1.5), torch.float32, (True, False), id="alpha1.5-dp-only"),
+        pytest.param(D("f", generator="chi2"), torch.bfloat16, (True, True), id="chi2-bf16"),
+        pytest.param(D("reverse_kl"), torch.float16, (True, True), id="rkl-fp16"),
+    ],
+)
+def test_logits_launchers(div, dtype, need):
+    """``logits_divergence_fwd`` / ``_bwd`` (both heads' logits given) against float64 autograd
+    through the same logits and transforms: rows 3 elements wider than V (a row-strided view),
+    invalid rows, each head's own temperature / soft-cap, one or both gradients; poisoned
+    outputs catch an unwritten gradient element."""
+    n, v = 19, 203
+    g = torch.Generator().manual_seed(7)
+    wide = (torch.randn(2, n, v + 3, generator=g) * 3.0).to(dtype)
+    lp_, lq_ = wide[0, :, :v], wide[1, :, 3:]
+    assert lp_.stride(0) == v + 3
+    valid = torch.rand(n, generator=g) > 0.3
+    op = LogitOptions(softcap=8.0, temperature=0.9)
+    oq = LogitOptions(temperature=1.4, logit_scale=0.8)
+    ups = {k: torch.randn(n, generator=g) for k in ("div", "entropy")}
+    st = K.logits_divergence_fwd(lp_, lq_, valid, op, oq, div, want_entropy=True, config=SMALL_FWD)
+    dp, dq = K.logits_divergence_bwd(
+        lp_, lq_, valid, st, ups["div"], ups["entropy"], op, oq, div, need_dp=need[0], need_dq=need[1]
+    )
+    leaves = [x.detach().double().requires_grad_() for x in (lp_, lq_)]
+
+    def tf(r, o):
+        r = r * o.logit_scale
+        return (r if o.softcap is None else o.softcap * torch.tanh(r / o.softcap)) / o.temperature
+
+    zp, zq = tf(leaves[0], op), tf(leaves[1], oq)
+    d = torch.where(valid, divergence_ref(zp, zq, div), 0.0)
+    ent = torch.where(valid, -(zp.softmax(-1) * zp.log_softmax(-1)).sum(-1), 0.0)
+    ((d * ups["div"]).sum() + (ent * ups["entropy"]).sum()).backward()
+    lowp = dtype != torch.float32
+    for k, ref, out in (("div", d, st.div), ("entropy", ent, st.entropy_p)):
+        tol = 2e-5 if not lowp else 1e-3
+        assert_close(k, ref.detach(), out, atol=tol * max(1.0, ref.abs().max().item()), rtol=tol)
+    for k, want, out, leaf in (("dlogits_p", need[0], dp, leaves[0]), ("dlogits_q", need[1], dq, leaves[1])):
+        if not want:
+            assert out is None, f"{k} returned though not needed"
+            continue
+        assert out.dtype == dtype and out.shape == (n, v), k
+        assert bool((out[~valid] == 0).all()), f"{k}: invalid rows not exactly 0"
+        r = leaf.grad
+        # 16-bit gradients: one rounding of each element to the logits' dtype
+        tol = 5e-5 if not lowp else 2 * torch.finfo(dtype).eps
+        assert_close(k, r, out, atol=tol * max(1.0, r.abs().max().item()), rtol=tol)
