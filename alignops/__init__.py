@@ -11,7 +11,8 @@ helpers ``alignops.rl`` work on those, so cached reference log-probs plug in unc
 
 from . import losses  # noqa: F401  (the catalog: alignops.losses.dpo_loss, ...)
 from .fused import grpo_loss_from_hidden, ppo_loss_from_hidden
-from .kernels._common import LogitOptions, TokenStats
+from .kernels._common import DivergenceOptions, DivStats, LogitOptions, TokenStats
+from .linear_divergence import DivergenceOutput, divergence, linear_divergence, sparse_divergence
 from .linear_logprobs import LogProbsOutput, linear_cross_entropy, linear_logprobs
 from .logprobs import cross_entropy, logprobs
 from .rl import (
@@ -38,6 +39,12 @@ from .sequence import SequenceLogProbs, reduce_packed, reduce_padded, sequence_l
 __version__ = "0.1.0"
 
 __all__ = [
+    "DivStats",
+    "DivergenceOptions",
+    "DivergenceOutput",
+    "divergence",
+    "linear_divergence",
+    "sparse_divergence",
     "GAEOutput",
     "LogProbsOutput",
     "LogitOptions",

@@ -23,7 +23,7 @@ from . import _memory as M
 from . import _report
 from .models import DEFAULT_MODELS_CPU, DEFAULT_MODELS_CUDA, MODELS, get_model, with_overrides
 
-FAMILIES = ("linear_cross_entropy", "cross_entropy", "dpo_step", "grpo_step")
+FAMILIES = ("linear_cross_entropy", "cross_entropy", "divergence", "dpo_step", "grpo_step")
 DEFAULT_TOKENS_CPU = (512, 1024, 2048)
 DEFAULT_TOKENS_CUDA = (4096, 8192, 16384)
 DEFAULT_DTYPE_CPU = "float32"
@@ -57,6 +57,7 @@ numerical agreement check of every provider's loss and gradients against alignop
 families:
   linear_cross_entropy  hidden states @ LM head -> mean cross-entropy
   cross_entropy         mean cross-entropy on given logits
+  divergence            generalized JSD (beta 1/2) between a trained and a frozen head
   dpo_step              one DPO loss step from hidden states (cached reference log-probs)
   grpo_step             one GRPO loss step from hidden states
 
@@ -69,6 +70,7 @@ providers (each family runs those that apply; one that cannot run is listed with
   trl            TRL's selective log-softmax on full logits
   trl-chunked    TRL's chunked LM head
   liger, cce     Liger-Kernel and Cut Cross-Entropy (CUDA only)
+  trl-chunked    (divergence) TRL's chunked two-head divergence
 """
 
 EPILOG = f"""\
