@@ -3,9 +3,9 @@
 ``_bwd`` (caller-given logits) and ``alignops::sparse_divergence_fwd`` / ``_bwd`` (a top-k teacher).
 Fake implementations give shapes for ``torch.compile``.
 
-Engine seam: CUDA tensors use the Triton launchers of ``alignops.kernels.linear_divergence``
-when that module exists, and the PyTorch engine until then (:func:`_engine`); the logits
-variant always runs the PyTorch engine (its tiles are copies, not matmuls).
+Engine seam (:func:`_engine`): CUDA tensors (and ``ALIGNOPS_BACKEND=triton``) use the Triton
+launchers of ``alignops.kernels.linear_divergence``, for both heads from hidden states and for the
+logits variant; everything else, float64 and the sparse teacher run the PyTorch engine.
 """
 
 from __future__ import annotations
@@ -139,14 +139,15 @@ linear_divergence_fwd_op.register_autograd(_backward, setup_context=_setup)
 
 def _lfwd(logits_p, logits_q, valid, *args):
     op, oq, div, (want_entropy,) = _split(args)
-    st = torch_engine.logits_divergence_fwd(logits_p, logits_q, valid, op, oq, div, want_entropy=want_entropy)
+    eng = _engine(logits_p)
+    st = eng.logits_divergence_fwd(logits_p, logits_q, valid, op, oq, div, want_entropy=want_entropy)
     return _pack(st, logits_p.new_empty(0, dtype=st.div.dtype))
 
 
 def _lbwd(logits_p, logits_q, valid, div_, lse_p, lse_q, ent, g_div, g_ent, *args):
     op, oq, div, (need_dp, need_dq) = _split(args)
     saved = _saved(logits_p.shape[0], div_, lse_p, lse_q, ent)
-    dp, dq = torch_engine.logits_divergence_bwd(
+    dp, dq = _engine(logits_p).logits_divergence_bwd(
         logits_p, logits_q, valid, saved, g_div, g_ent, op, oq, div, need_dp=need_dp, need_dq=need_dq
     )
     return c.pack(dp, logits_p), c.pack(dq, logits_p)
