@@ -94,6 +94,12 @@ LDIV_NUM_WARPS = 8
 LDIV_BN_FP32 = 16
 LDIV_NUM_STAGES_SMALL = 2
 LDIV_NUM_STAGES = 3
+# The logits launchers (both heads' logits given): no tl.dot, a memory-bound sweep over [N, V]
+# twice per pass; [32, 128] tiles at 8 warps, no pipelining (nothing to pipeline). The build
+# report showed small spills at [64, 64] (sm_90a pass 1), [16, 256] and [32, 128] with 4 warps.
+LDIV_LOGITS_BN = 32
+LDIV_LOGITS_BV = 128
+LDIV_LOGITS_NUM_STAGES = 1
 # Rows per program of the pass-1 combine kernel (reads 5-6 fp32 planes per split: memory-bound).
 LDIV_COMBINE_BN = 128
 

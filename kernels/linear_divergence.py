@@ -98,6 +98,7 @@ from .linear_divergence_host import (
     bwd_config,
     fwd_config,
     kind_code,
+    logits_config,
 )
 from .linear_logprobs import BwdConfig, FwdConfig
 
@@ -108,6 +109,7 @@ __all__ = [
     "kind_code",
     "linear_divergence_bwd",
     "linear_divergence_fwd",
+    "logits_config",
     "logits_divergence_bwd",
     "logits_divergence_fwd",
 ]
@@ -210,6 +212,8 @@ def linear_divergence_bwd(
         for t in grads[3:]:
             if t is not None:
                 t.zero_()
+        if all(t is None for t in grads[:3]):
+            return grads
 
     cfg = config or bwd_config(n, max(h_p.shape[1], h_q.shape[1]), dot_p, dot_q)
     heads = _head_args(h_p, w_p, b_p, h_q, w_q, b_q, valid, opts_p, opts_q, (dot_p, dot_q))
@@ -294,7 +298,7 @@ def logits_divergence_fwd(
     out = DivStats(vec_out(), vec_out(), vec_out(), vec_out(want_entropy))
     if n == 0:
         return out
-    cfg = config or fwd_config(n, logits_p.dtype, logits_q.dtype)
+    cfg = config or logits_config()
     return _forward(_logits_args(logits_p, logits_q, valid, opts_p, opts_q), n, v, kind, param, cfg, out)
 
 
@@ -335,7 +339,7 @@ def logits_divergence_bwd(
     if d_p is None and q_out is None:
         return d_p, d_q
     heads = _logits_args(logits_p, logits_q, valid, opts_p, opts_q)
-    cfg = config or bwd_config(n, 0, logits_p.dtype, logits_q.dtype)
+    cfg = config or BwdConfig(*logits_config()[:5], workspace_elems=0)
     g_div, c_p, c_q = _grad_coefficients(heads, n, v, FwdConfig(*cfg[:5]), saved, g_div, kind, param, dev)
     _launch.launch(
         _linear_divergence_bwd_kernel,
@@ -421,7 +425,7 @@ def _aot_specs() -> list[AotSpec]:
                     )
     for dtype in (torch.bfloat16, torch.float32):  # the logits launchers: tiles read, not computed
         ty = TRITON_TYPE[dtype]
-        cfg = fwd_config(C.LLP_SMALL_N_MAX + 1, dtype, dtype)
+        cfg = logits_config()
         ptrs = {"p_valid": "u8", "p_hp": ty, "p_wp": ty, "p_hq": ty, "p_wq": ty, "p_drp": ty, "p_drq": ty}
         common = {f"HAS_BIAS_{t}": False for t in "PQ"} | {f"HAS_SOFTCAP_{t}": True for t in "PQ"}
         common |= {f"{f}{t}": False for f in ("CAST_H", "CAST_W", "INTERP_BF16_") for t in "PQ"}

@@ -115,6 +115,11 @@ def bwd_config(n: int, h: int, dot_p: torch.dtype, dot_q: torch.dtype) -> BwdCon
     return BwdConfig(bn, C.LDIV_BV, bd, C.LDIV_NUM_WARPS, stages, ws)
 
 
+def logits_config() -> FwdConfig:
+    """Config of the logits launchers' passes (no matmul: ``BD`` unused)."""
+    return FwdConfig(C.LDIV_LOGITS_BN, C.LDIV_LOGITS_BV, 16, C.LDIV_NUM_WARPS, C.LDIV_LOGITS_NUM_STAGES)
+
+
 def _num_splits(n_token_blocks: int, n_vocab_blocks: int, device: torch.device) -> int:
     target = C.LLP_PROGRAMS_PER_SM * _launch.sm_count(device)
     return max(1, min(triton.cdiv(target, n_token_blocks), n_vocab_blocks, C.LLP_MAX_SPLITS))

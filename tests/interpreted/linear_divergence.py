@@ -143,6 +143,8 @@ CASES = [
     pytest.param(Case(D("tv"), grads=("div",), need=("dh_p", "dw_q"), entropy=False), id="gdiv-dh_p-dw_q"),
     pytest.param(Case(D("alpha", alpha=0.7), grads=("entropy",)), id="gent-only"),
     pytest.param(Case(D("f", generator="hellinger"), need=P_GRADS), id="student-only"),
+    # the entropy is the student's: teacher gradients from an entropy gradient alone are exactly 0
+    pytest.param(Case(D("tv"), grads=("entropy",), need=Q_GRADS), id="gent-teacher-only"),
     # |z| ~ 1e3 in fp32: online rescaling of both heads and the KL accumulator
     pytest.param(Case(D("forward_kl"), magnitude=300.0, softcap_p=None, tol=2e-3), id="fkl-extreme-logits"),
     pytest.param(Case(D("reverse_kl"), magnitude=300.0, softcap_p=None, tol=2e-3), id="rkl-extreme-logits"),
