@@ -68,9 +68,8 @@ providers (each family runs those that apply; one that cannot run is listed with
   torch-native   F.cross_entropy on float32 logits, what training code usually writes
   torch-chunked  PyTorch's chunked F.linear_cross_entropy (torch >= 2.13)
   trl            TRL's selective log-softmax on full logits
-  trl-chunked    TRL's chunked LM head
-  liger, cce     Liger-Kernel and Cut Cross-Entropy (CUDA only)
-  trl-chunked    (divergence) TRL's chunked two-head divergence
+  trl-chunked    TRL's chunked LM head (divergence: its chunked two-head divergence)
+  liger, cce     Liger-Kernel and Cut Cross-Entropy (CUDA only; divergence: Liger's fused JSD)
 """
 
 EPILOG = f"""\

@@ -65,7 +65,7 @@ def test_cli_table_csv_json(tiny_run, capsys):
     assert all("DIFF" not in r for r in rows), text
     # peers that cannot run on the CPU are skipped with a reason, never silently
     assert "liger" in text and "cce" in text and "need a CUDA device" in text
-    assert "divergence" not in text  # no such family yet: not listed, not skipped
+    assert "divergence  cpu-tiny" not in text  # only the requested families run
     assert "x eager" in text and "mem/eager" in text
 
     with open(out / "linear_cross_entropy.csv", newline="") as f:
@@ -258,5 +258,38 @@ def test_help_is_plain_text(capsys):
     for family in bench_cli.FAMILIES:
         assert family in text
     assert "eager" in text and "alignops-bench-results" in text and "ALIGNOPS_BENCH_OUT" in text
-    for bad in ("``", ":func:", ":class:", ".py", "_harness", "_memory", "divergence", "SPEC"):
+    for bad in ("``", ":func:", ":class:", ".py", "_harness", "_memory", "SPEC"):
         assert bad not in text, bad
+
+
+def test_divergence_family_agrees_and_skips_liger_with_reason(tmp_path, capsys):
+    """The divergence family: alignops, eager full logits and TRL's chunked divergence agree on
+    the loss and the student's gradients; Liger's fused linear JSD is skipped on the CPU, named."""
+    argv = [
+        "--family",
+        "divergence",
+        "--providers",
+        "alignops,eager,trl-chunked,liger",
+        "--no-memory",
+        "--no-save",
+    ]
+    assert bench_cli.main([*argv, *TINY]) == 0
+    text = capsys.readouterr().out
+    assert "divergence  cpu-tiny  N=64 H=64 V=1000" in text
+    rows = [line.split() for line in text.splitlines() if line.split()[:1] == ["fwd+bwd"]]
+    assert {r[1] for r in rows} == {"alignops", "eager", "trl-chunked"}
+    assert all("DIFF" not in r for r in rows), text
+    assert "liger" in text and "need a CUDA device" in text
+
+
+@pytest.mark.slow  # three fresh interpreters
+def test_one_shot_prints_a_row_per_provider(capsys):
+    from alignops.bench import one_shot
+
+    argv = ["--family", "divergence", "--tokens", "48", "--hidden", "16", "--vocab", "301"]
+    assert one_shot.main([*argv, "--providers", "alignops,eager,liger"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {ln.split()[0]: ln.split() for ln in lines[2:] if ln.split()}
+    assert float(rows["alignops"][1]) > 0 and float(rows["alignops"][2]) >= 0
+    assert rows["alignops"][4] == rows["eager"][4]  # the same loss to 7 digits
+    assert "skipped:" in rows["liger"]
