@@ -27,7 +27,7 @@ TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp
 ALIGNED_INTS = frozenset(
     {"H", "V", "stride_hn", "stride_wv", "stride_dr", "stride_db"}
     | {"stride_xb", "stride_xt", "stride_dxb", "stride_dxt"}
-    | {"HP", "HQ", "stride_hpn", "stride_wpv", "stride_hqn", "stride_wqv", "stride_drq", "stride_dbq"}
+    | {"HP", "HQ", "stride_hpn", "stride_wpv", "stride_hqn", "stride_wqv"}
 )
 # Float scalars of the logit transform (everything else that is not a pointer is an integer).
 FLOAT_ARGS = frozenset(
