@@ -219,3 +219,27 @@ def test_api_errors():
         alignops.linear_divergence(hp, wp, hq, wq, mask=torch.ones(4, dtype=torch.bool))
     with pytest.raises(ValueError, match="vocabulary size mismatch"):
         alignops.divergence(torch.randn(3, 10), torch.randn(3, 11))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_inputs_and_mixed_precision(dtype):
+    """16-bit heads compute in float32: the values match the float64 reference on the same
+    (rounded) inputs; each gradient comes back in its input's dtype; a 16-bit hidden with a float32
+    weight rounds the weight to 16 bits for the matmul, as torch.autocast does."""
+    hp, wp, bp, hq, wq, bq = _heads(b=1, t=6, v=257, hp=16, hq=8, dtype=dtype, seed=8, teacher_grad=True)
+    out = alignops.linear_divergence(hp, wp, hq, wq, b_p=bp, b_q=bq, kind="jsd", beta=0.3, reduction="sum")
+    _, ref = _ref(
+        (hp, wp, bp, hq, wq, bq), DivergenceOptions("jsd", beta=0.3), torch.ones(1, 6, dtype=torch.bool)
+    )
+    assert out.loss.dtype == torch.float32
+    assert_close("div", ref[0].sum().detach(), out.loss.detach(), atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(out.loss, (hp, wp, bp, hq, wq, bq))
+    assert all(g.dtype == dtype and torch.isfinite(g).all() for g in grads)
+    w32 = wp.detach().float().requires_grad_()
+    mixed = alignops.linear_divergence(hp, w32, hq, wq, kind="reverse_kl", reduction="sum")
+    rounded = alignops.linear_divergence(
+        hp, w32.detach().to(dtype), hq, wq, kind="reverse_kl", reduction="sum"
+    )
+    assert torch.equal(mixed.loss, rounded.loss)
+    (gw,) = torch.autograd.grad(mixed.loss, w32)
+    assert gw.dtype == torch.float32
