@@ -27,9 +27,13 @@ TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp
 ALIGNED_INTS = frozenset(
     {"H", "V", "stride_hn", "stride_wv", "stride_dr", "stride_db"}
     | {"stride_xb", "stride_xt", "stride_dxb", "stride_dxt"}
+    | {"HP", "HQ", "stride_hpn", "stride_wpv", "stride_hqn", "stride_wqv"}
 )
 # Float scalars of the logit transform (everything else that is not a pointer is an integer).
-FLOAT_ARGS = frozenset({"scale", "softcap", "inv_temp", "log_eps"})
+FLOAT_ARGS = frozenset(
+    {"scale", "softcap", "inv_temp", "log_eps", "param"}
+    | {f"{a}_{head}" for a in ("scale", "softcap", "inv_temp") for head in ("p", "q")}
+)
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ def aot_spec(
     label: str,
 ) -> AotSpec:
     """An AotSpec from argument names: pointers (``p_*``) get ``pointer_types[name]`` (default
-    fp32), ``scale, softcap, inv_temp`` are fp32, other arguments i32 (``:16`` for
+    fp32), the scalars of :data:`FLOAT_ARGS` are fp32, other arguments i32 (``:16`` for
     :data:`ALIGNED_INTS`). A ``None`` pointer or soft-cap is a constexpr, as at run time."""
     from triton.runtime.autotuner import Autotuner, Heuristics
 

@@ -110,6 +110,31 @@ LLP_SPARSE_BH_FP32 = 64
 # The loop body is conditional on a loaded flag, so deep software pipelining buys little.
 LLP_SPARSE_NUM_STAGES = 2
 
+# --- fused two-head divergences (kernels/linear_divergence.py) ----------------------------------
+
+# Two logits tiles live at once (student and teacher) plus, in the backward, their soft-cap
+# derivatives: twice the fp32 tile registers of the log-prob family at the same tile. The vocab
+# block is halved instead of the token block so that BN stays a full wgmma M (64) and both heads
+# still share each [BN, BV] pass: [64, 64] x 2 tiles = the registers of one [64, 128] tile.
+LDIV_BV = 64
+# Token block for 16-bit matmuls with N > 16: LLP_BN (a full wgmma M).
+LDIV_NUM_WARPS = 8
+# Token blocks of 16 rows (N <= 16, and every fp32 matmul, whose IEEE dots run on CUDA cores
+# where a smaller M costs little): 2 pipeline stages. The build report (sm_80, sm_90a) showed
+# 8-76 byte spills at 3 stages or 4 warps for BN 16 / 32 with the two heads' loops and pointers
+# live at once, and none at 8 warps and 2 stages for BN 16; fp32 at BN 32 still spilled on sm_80.
+LDIV_BN_FP32 = 16
+LDIV_NUM_STAGES_SMALL = 2
+LDIV_NUM_STAGES = 3
+# The logits launchers (both heads' logits given): no tl.dot, a memory-bound sweep over [N, V]
+# twice per pass; [32, 128] tiles at 8 warps, no pipelining (nothing to pipeline). The build
+# report showed small spills at [64, 64] (sm_90a pass 1), [16, 256] and [32, 128] with 4 warps.
+LDIV_LOGITS_BN = 32
+LDIV_LOGITS_BV = 128
+LDIV_LOGITS_NUM_STAGES = 1
+# Rows per program of the pass-1 combine kernel (reads 5-6 fp32 planes per split: memory-bound).
+LDIV_COMBINE_BN = 128
+
 # --- every family -------------------------------------------------------------------------------
 
 # Streaming multiprocessors assumed when the device cannot be asked (the interpreter on CPU):

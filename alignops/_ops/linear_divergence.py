@@ -3,9 +3,9 @@
 ``_bwd`` (caller-given logits) and ``alignops::sparse_divergence_fwd`` / ``_bwd`` (a top-k teacher).
 Fake implementations give shapes for ``torch.compile``.
 
-Engine seam: CUDA tensors use the Triton launchers of ``alignops.kernels.linear_divergence``
-when that module exists, and the PyTorch engine until then (:func:`_engine`); the logits
-variant always runs the PyTorch engine (its tiles are copies, not matmuls).
+Engine seam (:func:`_engine`): CUDA tensors (and ``ALIGNOPS_BACKEND=triton``) use the Triton
+launchers of ``alignops.kernels.linear_divergence``, for both heads from hidden states and for the
+logits variant; everything else, float64 and the sparse teacher run the PyTorch engine.
 """
 
 from __future__ import annotations
@@ -161,19 +161,19 @@ linear_divergence_fwd_op.register_autograd(_backward, setup_context=_setup)
 
 def _lfwd(logits_p, logits_q, valid, *args):
     op, oq, div, (want_entropy,) = _split(args)
-    rs = []
-    st = torch_engine.logits_divergence_fwd(
-        logits_p, logits_q, valid, op, oq, div, want_entropy=want_entropy, row_sums_out=rs
-    )
+    eng, rs = _engine(logits_p), []
+    extra = {"row_sums_out": rs} if eng is torch_engine else {}
+    st = eng.logits_divergence_fwd(logits_p, logits_q, valid, op, oq, div, want_entropy=want_entropy, **extra)
     return _pack(st, logits_p.new_empty(0, dtype=st.div.dtype), rs)
 
 
 def _lbwd(logits_p, logits_q, valid, div_, lse_p, lse_q, ent, row_sums, g_div, g_ent, *args):
     op, oq, div, (need_dp, need_dq) = _split(args)
     saved = _saved(logits_p.shape[0], div_, lse_p, lse_q, ent)
-    dp, dq = torch_engine.logits_divergence_bwd(
+    eng = _engine(logits_p)
+    dp, dq = eng.logits_divergence_bwd(
         logits_p, logits_q, valid, saved, g_div, g_ent, op, oq, div, need_dp=need_dp, need_dq=need_dq,
-        **_rows(row_sums),
+        **(_rows(row_sums) if eng is torch_engine else {}),
     )  # fmt: skip
     return c.pack(dp, logits_p), c.pack(dq, logits_p)
 
@@ -190,8 +190,7 @@ logits_divergence_bwd_op = c.custom_op(
 @logits_divergence_fwd_op.register_fake
 def _(logits_p, logits_q, valid, *args):
     n = logits_p.shape[0]
-    base = torch_engine.resolve(DivergenceOptions(*args[8:12]))[0]
-    rows = logits_p.new_empty((2, n) if base in ("jsd", "tv") else (0,), dtype=c.compute_dtype(logits_p))
+    rows = logits_p.new_empty(_row_sums_shape(logits_p, n, args[8:12]), dtype=c.compute_dtype(logits_p))
     return _fake_stats(logits_p, n, args[-1]) + (rows,)
 
 
