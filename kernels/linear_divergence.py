@@ -76,7 +76,7 @@ import triton
 from . import _launch
 from . import constants as C
 from ._aot import TRITON_TYPE, AotSpec, aot_spec
-from ._common import DivergenceOptions, DivStats, LogitOptions, empty
+from ._common import DivergenceOptions, DivStats, LogitOptions, autocast_off, empty
 from .linear_divergence_bwd import _linear_divergence_bwd_kernel
 from .linear_divergence_fwd import (
     FKL,
@@ -115,6 +115,7 @@ __all__ = [
 ]
 
 
+@autocast_off
 def linear_divergence_fwd(
     h_p: torch.Tensor,
     w_p: torch.Tensor,
@@ -151,6 +152,7 @@ def linear_divergence_fwd(
     return _forward(heads, n, v, kind, param, cfg, out)
 
 
+@autocast_off
 def linear_divergence_bwd(
     h_p: torch.Tensor,
     w_p: torch.Tensor,
@@ -274,6 +276,7 @@ def linear_divergence_bwd(
     return grads
 
 
+@autocast_off
 def logits_divergence_fwd(
     logits_p: torch.Tensor,
     logits_q: torch.Tensor,
@@ -302,6 +305,7 @@ def logits_divergence_fwd(
     return _forward(_logits_args(logits_p, logits_q, valid, opts_p, opts_q), n, v, kind, param, cfg, out)
 
 
+@autocast_off
 def logits_divergence_bwd(
     logits_p: torch.Tensor,
     logits_q: torch.Tensor,

@@ -68,6 +68,7 @@ from ..kernels._common import (
     DivStats,
     LogitOptions,
     StatRequest,
+    autocast_off,
     check_divergence_inputs,
     check_logits_pair,
     compute_dtype,
@@ -302,6 +303,7 @@ def _forward(pair: _Pair, valid, div: DivergenceOptions, want_entropy: bool, row
     )
 
 
+@autocast_off
 def linear_divergence_fwd(
     h_p: torch.Tensor,
     w_p: torch.Tensor,
@@ -344,6 +346,7 @@ def _logits_pair(logits_p, logits_q, valid, opts_p, opts_q, nscratch, keep_th) -
     return _Pair(p, q, n, v, width, opts_p, opts_q, cdt, nscratch, keep_th, logits_p.device)
 
 
+@autocast_off
 def logits_divergence_fwd(
     logits_p, logits_q, valid, opts_p, opts_q, div, *, want_entropy=False, row_sums_out=None
 ) -> DivStats:
@@ -458,6 +461,7 @@ def _backward(
             sink_q.add(_chain_(dzq, t.thq, pair.opts_q), rows_h, t.wbq, c0, c1, t.v0, t.v1)
 
 
+@autocast_off
 def linear_divergence_bwd(
     h_p,
     w_p,
@@ -497,6 +501,7 @@ def linear_divergence_bwd(
     return sink_p.result() + sink_q.result()
 
 
+@autocast_off
 def logits_divergence_bwd(
     logits_p, logits_q, valid, saved: DivStats, g_div, g_entropy, opts_p, opts_q, div, *, need_dp, need_dq,
     row_sums=None,

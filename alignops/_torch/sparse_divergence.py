@@ -36,6 +36,7 @@ from ..kernels._common import (
     LogitOptions,
     StatRequest,
     _check_tensor,
+    autocast_off,
     check_divergence_inputs,
     compute_dtype,
     env_flag,
@@ -90,6 +91,7 @@ def _check(h_p, w_p, b_p, q_ids, q_logps, valid):
     return dot, compute_dtype(h_p, w_p, b_p)
 
 
+@autocast_off
 def sparse_divergence_fwd(
     h_p, w_p, b_p, q_ids, q_logps, valid, opts_p: LogitOptions, div: DivergenceOptions, *, want_entropy=False
 ) -> DivStats:
@@ -142,6 +144,7 @@ def _gathered_logits(ops: _Operands, ids: torch.Tensor, opts: LogitOptions, cdt)
     return out
 
 
+@autocast_off
 def sparse_divergence_bwd(
     h_p, w_p, b_p, q_ids, q_logps, valid, saved: DivStats, g_div, g_entropy, opts_p, div, *,
     need_dh_p: bool, need_dw_p: bool, need_db_p: bool,
