@@ -214,13 +214,17 @@ class _LogitsSink:
 
 
 def _jsd_u(delta: torch.Tensor, beta: float, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``u = log(m / p) = log((1 - beta) + beta exp(delta))`` into ``u`` (``w`` is scratch):
-    ``max(delta, 0) + log1p(w expm1(-|delta|))`` with ``w = 1 - beta`` where ``delta > 0`` else
-    ``beta``. Exactly 0 where ``delta = 0``; no overflow for large ``|delta|``."""
+    """``u = log(m / p) = log((1 - beta) + beta exp(delta))`` into ``u`` (``w`` is scratch), and
+    ``delta`` turned in place into ``delta - u = log(q / m)``. With ``L = log1p(w expm1(-|delta|))``
+    (``w = 1 - beta`` where ``delta > 0`` else ``beta``): ``u = max(delta, 0) + L`` and
+    ``delta - u = min(delta, 0) - L``, each formed without cancelling two large terms (a student
+    zero makes ``delta`` ~1e30). Exactly 0 where ``delta = 0``; no overflow for large ``|delta|``."""
     torch.abs(delta, out=u).neg_().expm1_()
     w.copy_(delta > 0).mul_(1.0 - 2.0 * beta).add_(beta)
     u.mul_(w).log1p_()
-    return u.add_(torch.clamp(delta, min=0.0, out=w))
+    torch.clamp(delta, min=0.0, out=w)
+    delta.clamp_(max=0.0).sub_(u)
+    return u.add_(w)
 
 
 def _row_sums(pair: _Pair, base: str, prm: float, lse_p, lse_q):
@@ -233,9 +237,9 @@ def _row_sums(pair: _Pair, base: str, prm: float, lse_p, lse_q):
         lq = t.zq.sub_(lse_q[rows].unsqueeze(1))
         if base == "jsd":
             delta = torch.sub(lq, lp, out=t.s[0])
-            u = _jsd_u(delta, prm, t.s[1], t.s[2])
+            u = _jsd_u(delta, prm, t.s[1], t.s[2])  # delta is now log(q / m)
             p, q = lp.exp_(), lq.exp_()
-            a[rows] += _rowdot(q, delta.sub_(u))
+            a[rows] += _rowdot(q, delta)
             b[rows] -= _rowdot(p, u)
         else:
             p, q = lp.exp_(), lq.exp_()
@@ -389,9 +393,9 @@ def _tile_grads(t: _Tile, base: str, prm: float, rows, k, need_p: bool, need_q: 
             dzq = lq.exp_().mul_(ss).sub_(r).div_(prm)
     elif base == "jsd":
         delta = torch.sub(lq, lp, out=s[1])
-        u = _jsd_u(delta, prm, s[2], s[3])
+        u = _jsd_u(delta, prm, s[2], s[3])  # delta is now log(q / m)
         if need_q:
-            dzq = delta.sub_(u).sub_(k["a"][rows].unsqueeze(1)).mul_(lq.exp_()).mul_(prm)
+            dzq = delta.sub_(k["a"][rows].unsqueeze(1)).mul_(lq.exp_()).mul_(prm)
         if need_p:
             dzp = u.add_(k["b"][rows].unsqueeze(1)).mul_(p).mul_(-(1.0 - prm))
     else:  # tv
