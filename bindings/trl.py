@@ -170,6 +170,14 @@ def _set(owner, name: str, value) -> None:
     setattr(owner, name, value)
 
 
+def _original(owner, name: str):
+    """``owner.name`` as it was before :func:`_set` replaced it (the current value if not replaced)."""
+    for o, n, value in _saved:
+        if o is owner and n == name:
+            return value
+    return getattr(owner, name)
+
+
 class Switch:
     """Returned by :func:`enable`; ``with enable(): ...`` disables on exit."""
 
@@ -185,18 +193,8 @@ def _hook_dpo_reference(lookup) -> None:
     """DPOTrainer's reference precompute (``precompute_ref_log_probs=True``) asks ``lookup`` first."""
     from trl import DPOTrainer
 
-    for o, n, value in _saved:
-        if o is DPOTrainer and n == "_precompute_ref_logps":
-            precompute = value
-            break
-    else:
-        precompute = DPOTrainer._precompute_ref_logps
-    for o, n, value in _saved:
-        if o is DPOTrainer and n == "__init__":
-            original_init = value
-            break
-    else:
-        original_init = DPOTrainer.__init__
+    precompute = _original(DPOTrainer, "_precompute_ref_logps")
+    original_init = _original(DPOTrainer, "__init__")
 
     def checked_init(self, *args, **kwargs):
         cfg = kwargs.get("args", args[2] if len(args) > 2 else None)  # (model, ref_model, args, ...)
