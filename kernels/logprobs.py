@@ -60,6 +60,7 @@ from ._common import (
 )
 from ._jit import (
     NEG_BIG,
+    block_range,
     flags_from_none,
     for_store,
     logit_grad,
@@ -181,10 +182,8 @@ def _logprobs_bwd_kernel(
     # int64: row offsets reach N * V > 2**31 for long batches with 150k vocabularies
     i_n = tl.program_id(0).to(tl.int64)
     i_v = tl.program_id(1).to(tl.int64)
-    o_n = i_n * BN + tl.arange(0, BN)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_n = o_n < N
-    m_v = o_v < V
+    o_n, m_n = block_range(i_n, BN, N)
+    o_v, m_v = block_range(i_v, BV, V)
     b_y = tl.load(p_y + o_n, mask=m_n, other=ignore_index).to(tl.int64)
     m_valid = m_n & (b_y != ignore_index)
     m_tile = m_valid[:, None] & m_v[None, :]
