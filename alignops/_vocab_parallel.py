@@ -318,6 +318,27 @@ def _saved_args(saved: TokenStats, like: torch.Tensor):
     return c.pack(saved.lse, like), c.pack(saved.entropy, like), c.pack(saved.log_sum_p2, like)
 
 
+def _local_problem(targets, sh: Shard, opts: LogitOptions, want: StatRequest):
+    """This rank's share of the problem: ``(y [N], valid [N], y_local [N], hit [N], lopts, lwant)``,
+    the flat global targets, their non-ignored mask, the targets remapped to this slice (see
+    :func:`remap_targets`) and the options / request of the local engine call."""
+    y = targets.reshape(-1).long()
+    valid = y != opts.ignore_index
+    y_local, hit = remap_targets(y, sh, opts.ignore_index)
+    lopts = LogitOptions(_LOCAL_IGNORE, opts.logit_scale, opts.softcap, opts.temperature)
+    return y, valid, y_local, hit, lopts, local_request(want, sh)
+
+
+def _forward_outputs(ctx, g: TokenStats, sh: Shard, lopts: LogitOptions) -> tuple:
+    """The op's seven tensors of the global stats ``g``; keeps on ``ctx`` what the backward needs
+    (top-k ids and log-probs have no gradient)."""
+    ctx.sh, ctx.lopts = sh, lopts
+    ctx.set_materialize_grads(False)
+    outs = c.pack_stats(g)
+    ctx.mark_non_differentiable(outs[5], outs[6])
+    return outs
+
+
 # ----------------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------------
@@ -329,11 +350,7 @@ class LinearVocabParallelFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, sh: Shard, opts: LogitOptions, want, reduce_dh):
-        y = targets.reshape(-1).long()
-        valid = y != opts.ignore_index
-        y_local, hit = remap_targets(y, sh, opts.ignore_index)
-        lopts = LogitOptions(_LOCAL_IGNORE, opts.logit_scale, opts.softcap, opts.temperature)
-        lwant = local_request(want, sh)
+        y, valid, y_local, hit, lopts, lwant = _local_problem(targets, sh, opts, want)
         n = hidden.shape[0]
         if sh.valid > 0:
             out = linear_logprobs_fwd_op(hidden, weight, y_local, bias, *lopts.as_args(), *lwant)
@@ -342,11 +359,8 @@ class LinearVocabParallelFunction(torch.autograd.Function):
             st = _empty_local(n, lwant, compute_dtype(hidden, weight, bias), hidden.device)
         g = combine(st, hit, valid, sh, want)
         ctx.save_for_backward(hidden, weight, bias, y_local, hit, g.lse, g.entropy, g.log_sum_p2)
-        ctx.sh, ctx.lopts, ctx.reduce_dh = sh, lopts, reduce_dh
-        ctx.set_materialize_grads(False)
-        outs = c.pack_stats(g)
-        ctx.mark_non_differentiable(outs[5], outs[6])
-        return outs
+        ctx.reduce_dh = reduce_dh
+        return _forward_outputs(ctx, g, sh, lopts)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -394,12 +408,8 @@ class VocabParallelFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, sh: Shard, opts: LogitOptions, want):
-        y = targets.reshape(-1).long()
-        valid = y != opts.ignore_index
-        y_local, hit = remap_targets(y, sh, opts.ignore_index)
+        y, valid, y_local, hit, lopts, lwant = _local_problem(targets, sh, opts, want)
         y_local = y_local.view(targets.shape)  # the engine wants the logits' leading dims
-        lopts = LogitOptions(_LOCAL_IGNORE, opts.logit_scale, opts.softcap, opts.temperature)
-        lwant = local_request(want, sh)
         if sh.valid > 0:
             out = logprobs_fwd_op(logits, y_local, *lopts.as_args(), *lwant, False)
             st = c.stats_like(out, y, lwant)
@@ -407,11 +417,7 @@ class VocabParallelFunction(torch.autograd.Function):
             st = _empty_local(y.numel(), lwant, compute_dtype(logits), logits.device)
         g = combine(st, hit, valid, sh, want)
         ctx.save_for_backward(logits, y_local, hit, g.lse, g.entropy, g.log_sum_p2)
-        ctx.sh, ctx.lopts = sh, lopts
-        ctx.set_materialize_grads(False)
-        outs = c.pack_stats(g)
-        ctx.mark_non_differentiable(outs[5], outs[6])
-        return outs
+        return _forward_outputs(ctx, g, sh, lopts)
 
     @staticmethod
     def backward(ctx, *grads):

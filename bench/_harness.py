@@ -214,6 +214,26 @@ class Provider:
     preload: tuple[str, ...] = ()  # slow imports the memory server does once, before forking
 
 
+def baseline_providers(alignops_: Callable, eager: Callable, torch_compile: Callable) -> list[Provider]:
+    """The three providers every family has: ``alignops`` (the public API), ``eager`` (the float
+    reference) and ``torch.compile`` (the reference compiled), from the family's build functions."""
+    import alignops
+
+    from ._peers import COMPILE_PRELOAD
+
+    return [
+        Provider("alignops", alignops_, version=lambda: alignops.__version__),
+        Provider("eager", eager),
+        Provider("torch.compile", torch_compile, preload=COMPILE_PRELOAD),
+    ]
+
+
+def seq_len_setting(default: int) -> int:
+    """The sequence length of the step families: ``alignops bench --seq-len`` (it sets
+    ``ALIGNOPS_BENCH_SEQ_LEN``), else ``default``."""
+    return int(os.environ.get("ALIGNOPS_BENCH_SEQ_LEN", default))
+
+
 def generator(case: Case) -> torch.Generator:
     """The case's seeded generator, on its device (inputs are drawn where they live)."""
     return torch.Generator(device=case.device).manual_seed(case.seed)

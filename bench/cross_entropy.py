@@ -19,8 +19,8 @@ import torch.nn.functional as F
 import alignops
 from alignops.reference import cross_entropy_ref
 
-from ._harness import Bound, Case, Inputs, Provider, generator
-from ._peers import COMPILE_PRELOAD, compiled, liger_skip_reason, liger_version
+from ._harness import Bound, Case, Inputs, Provider, baseline_providers, generator
+from ._peers import compiled, liger_skip_reason, liger_version
 
 FAMILY = "cross_entropy"
 RATE_UNIT = "GB/s"
@@ -107,9 +107,7 @@ def _liger(case: Case, inputs: Inputs) -> Bound:
 
 def providers() -> list[Provider]:
     return [
-        Provider("alignops", _alignops, version=lambda: alignops.__version__),
-        Provider("eager", _eager),
-        Provider("torch.compile", _torch_compile, preload=COMPILE_PRELOAD),
+        *baseline_providers(_alignops, _eager, _torch_compile),
         Provider("torch-native", _torch_native),
         Provider("liger", _liger, liger_skip_reason, liger_version),
     ]

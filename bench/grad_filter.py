@@ -23,11 +23,11 @@ import statistics
 import time
 
 import torch
-from alignops.kernels._common import NOTHING_EXTRA, LogitOptions, TokenStats, grad_filter_threshold
+from alignops.bench.ignored_rows import OPTS, engine_bwd
+from alignops.kernels._common import NOTHING_EXTRA, TokenStats, grad_filter_threshold
 
 from alignops._torch import linear_logprobs as E
 
-OPTS = LogitOptions(-100, 1.0, None, 1.0)
 #: Default sharpness: at H = 1024 a mean entropy of about 1.5 nats per token, in the range of a
 #: trained language model's on text (lower than a uniform guess over the 4 topics' 1.39 nats
 #: only through the noise).
@@ -105,20 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.reps):
             tiles: dict = {}
             t0 = time.perf_counter()
-            E.linear_logprobs_bwd(
-                hidden,
-                weight,
-                targets,
-                None,
-                saved,
-                grads,
-                OPTS,
-                need_dhidden=True,
-                need_dweight=True,
-                need_dbias=False,
-                grad_filter=thr,
-                tile_stats=tiles,
-            )
+            engine_bwd(hidden, weight, targets, saved, grads, grad_filter=thr, tile_stats=tiles)
             runs.append(time.perf_counter() - t0)
         times[name] = statistics.median(runs)
         if tiles:

@@ -20,21 +20,14 @@ Roofline counts as ``linear_cross_entropy`` with N = S·T rows.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
 import alignops
 
-from ._harness import Bound, Case, Inputs, Provider, generator
-from ._peers import COMPILE_PRELOAD, TRL_PRELOAD, compiled, trl_chunked_logprobs, trl_skip_reason, trl_version
+from ._harness import Bound, Case, Inputs, Provider, baseline_providers, generator, seq_len_setting
+from ._peers import TRL_PRELOAD, compiled, trl_chunked_logprobs, trl_skip_reason, trl_version
 from .linear_cross_entropy import lm_head_bytes, lm_head_flops, lm_head_grads_bytes
-
-
-def _seq_len() -> int:
-    return int(os.environ.get("ALIGNOPS_BENCH_SEQ_LEN", SEQ_LEN))
-
 
 FAMILY = "grpo_step"
 RATE_UNIT = "TFLOP/s"
@@ -57,7 +50,7 @@ def unavailable() -> str | None:
 
 def layout(case: Case) -> tuple[int, int]:
     """``(completions S, length T)`` for ``case.tokens``."""
-    seq_len = max(1, min(_seq_len(), case.tokens))
+    seq_len = max(1, min(seq_len_setting(SEQ_LEN), case.tokens))
     return max(1, case.tokens // seq_len), seq_len
 
 
@@ -177,9 +170,7 @@ def _trl_chunked(case: Case, inputs: Inputs) -> Bound:
 
 def providers() -> list[Provider]:
     return [
-        Provider("alignops", _alignops, version=lambda: alignops.__version__),
-        Provider("eager", _eager),
-        Provider("torch.compile", _torch_compile, preload=COMPILE_PRELOAD),
+        *baseline_providers(_alignops, _eager, _torch_compile),
         Provider("trl", _trl, trl_skip_reason, trl_version, TRL_PRELOAD),
         Provider("trl-chunked", _trl_chunked, trl_skip_reason, trl_version, TRL_PRELOAD),
     ]

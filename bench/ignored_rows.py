@@ -26,6 +26,12 @@ def step(hidden, weight, targets, g):
     st = E.linear_logprobs_fwd(hidden, weight, targets, None, OPTS, NOTHING_EXTRA)
     saved = TokenStats(st.logp, st.lse, None, None, None, None, None)
     grads = TokenStats(g, None, None, None, None, None, None)
+    return engine_bwd(hidden, weight, targets, saved, grads)
+
+
+def engine_bwd(hidden, weight, targets, saved: TokenStats, grads: TokenStats, **kw):
+    """``(dh, dW, None)`` of the PyTorch engine's backward with :data:`OPTS`, no bias: ``hidden
+    [N, H]``, ``weight [V, H]``, ``targets [N]``; ``kw``: ``grad_filter`` / ``tile_stats``."""
     return E.linear_logprobs_bwd(
         hidden,
         weight,
@@ -37,6 +43,7 @@ def step(hidden, weight, targets, g):
         need_dhidden=True,
         need_dweight=True,
         need_dbias=False,
+        **kw,
     )
 
 

@@ -22,9 +22,8 @@ import torch.nn.functional as F
 import alignops
 from alignops.reference import linear_cross_entropy_ref
 
-from ._harness import Bound, Case, Inputs, Provider, generator
+from ._harness import Bound, Case, Inputs, Provider, baseline_providers, generator
 from ._peers import (
-    COMPILE_PRELOAD,
     TRL_PRELOAD,
     cce_skip_reason,
     cce_version,
@@ -176,9 +175,7 @@ def _no_softcap(case: Case) -> str | None:
 
 def providers() -> list[Provider]:
     return [
-        Provider("alignops", _alignops, version=lambda: alignops.__version__),
-        Provider("eager", _eager),
-        Provider("torch.compile", _torch_compile, preload=COMPILE_PRELOAD),
+        *baseline_providers(_alignops, _eager, _torch_compile),
         Provider("torch-native", _torch_native),
         Provider(
             "torch-chunked",

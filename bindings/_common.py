@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+import alignops
+
 
 def is_dtensor(t) -> bool:
     try:
@@ -45,3 +47,13 @@ def to_compute(t: torch.Tensor | None, dt: torch.dtype) -> torch.Tensor | None:
     if t is None or t.dtype == dt or (t.dtype == torch.float32 and dt in (torch.float16, torch.bfloat16)):
         return t
     return t.to(dt)
+
+
+def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias, **options):
+    """``alignops.linear_logprobs`` of ``hidden [..., H]`` under the head ``weight [V, H]`` /
+    ``bias [V]`` with ``targets [...]``: in the matmul dtype of :func:`compute_dtype` (operands
+    cast by :func:`to_compute`) and with autocast off around the call; ``options``: its keywords."""
+    dt = compute_dtype(hidden)
+    hidden, weight, bias = hidden.to(dt), to_compute(weight, dt), to_compute(bias, dt)
+    with autocast_off(hidden):
+        return alignops.linear_logprobs(hidden, weight, targets, bias=bias, **options)

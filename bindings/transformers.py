@@ -31,7 +31,7 @@ import torch
 
 import alignops
 
-from ._common import autocast_off, compute_dtype, full_head, to_compute
+from ._common import full_head, head_logprobs
 
 # Arguments of the causal-LM forward that the decoder does not take: the loss inputs, and
 # ``logits_to_keep`` (no logits are computed on the fused path).
@@ -328,20 +328,17 @@ def causal_lm_logprobs(
         targets = labels[:, 1:].to(hidden.device)
         if position_ids is not None:  # packed rows: a sequence starts where the position restarts at 0
             targets = targets.masked_fill(position_ids[:, 1:].to(hidden.device) == 0, ignore_index)
-        dt = compute_dtype(hidden)
-        hidden, weight, bias = hidden.to(dt), to_compute(weight, dt), to_compute(bias, dt)
-        with autocast_off(hidden):
-            res = alignops.linear_logprobs(
-                hidden,
-                weight,
-                targets,
-                bias=bias,
-                ignore_index=ignore_index,
-                temperature=temperature,
-                softcap=softcap,
-                logit_scale=logit_scale,
-                return_entropy=return_entropy,
-            )
+        res = head_logprobs(
+            hidden,
+            weight,
+            targets,
+            bias,
+            ignore_index=ignore_index,
+            temperature=temperature,
+            softcap=softcap,
+            logit_scale=logit_scale,
+            return_entropy=return_entropy,
+        )
         return CausalLMLogProbs(res.logps, res.entropy, targets != ignore_index)
 
     args = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)

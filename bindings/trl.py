@@ -41,9 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-import alignops
-
-from ._common import autocast_off, compute_dtype, full_head, is_dtensor, to_compute
+from ._common import full_head, head_logprobs, is_dtensor
 
 #: The per-token fields of TRL's ``FusedCausalLMOutput`` the head computes, in its return order.
 OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -112,22 +110,19 @@ def fused_head(
         )
     for c in _counters:
         c.alignops += 1
-    dt = compute_dtype(hidden)
-    hidden, weight, bias = hidden.to(dt), to_compute(weight, dt), to_compute(bias, dt)
-    with autocast_off(hidden):
-        out = alignops.linear_logprobs(
-            hidden,
-            weight,
-            targets,
-            bias=bias,
-            temperature=temperature,
-            softcap=final_logit_softcapping,
-            logit_scale=scale,
-            return_entropy="entropy" in outputs,
-            return_log_sum_p2="log_sum_sq_probs" in outputs,
-            return_mean_logit="mean_logits" in outputs,
-            topk=1 if "is_top1" in outputs else 0,
-        )
+    out = head_logprobs(
+        hidden,
+        weight,
+        targets,
+        bias,
+        temperature=temperature,
+        softcap=final_logit_softcapping,
+        logit_scale=scale,
+        return_entropy="entropy" in outputs,
+        return_log_sum_p2="log_sum_sq_probs" in outputs,
+        return_mean_logit="mean_logits" in outputs,
+        topk=1 if "is_top1" in outputs else 0,
+    )
     is_top1 = None
     if out.topk_ids is not None:
         is_top1 = (out.topk_ids[..., 0] == targets) | (out.logps.detach() >= out.topk_logps[..., 0])
@@ -170,6 +165,14 @@ def _set(owner, name: str, value) -> None:
     setattr(owner, name, value)
 
 
+def _original(owner, name: str):
+    """``owner.name`` as it was before :func:`_set` replaced it (the current value if not replaced)."""
+    for o, n, value in _saved:
+        if o is owner and n == name:
+            return value
+    return getattr(owner, name)
+
+
 class Switch:
     """Returned by :func:`enable`; ``with enable(): ...`` disables on exit."""
 
@@ -185,18 +188,8 @@ def _hook_dpo_reference(lookup) -> None:
     """DPOTrainer's reference precompute (``precompute_ref_log_probs=True``) asks ``lookup`` first."""
     from trl import DPOTrainer
 
-    for o, n, value in _saved:
-        if o is DPOTrainer and n == "_precompute_ref_logps":
-            precompute = value
-            break
-    else:
-        precompute = DPOTrainer._precompute_ref_logps
-    for o, n, value in _saved:
-        if o is DPOTrainer and n == "__init__":
-            original_init = value
-            break
-    else:
-        original_init = DPOTrainer.__init__
+    precompute = _original(DPOTrainer, "_precompute_ref_logps")
+    original_init = _original(DPOTrainer, "__init__")
 
     def checked_init(self, *args, **kwargs):
         cfg = kwargs.get("args", args[2] if len(args) > 2 else None)  # (model, ref_model, args, ...)

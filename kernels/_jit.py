@@ -30,6 +30,13 @@ TANH_TAYLOR_MAX: tl.constexpr = tl.constexpr(0.1)
 
 
 @triton.jit
+def block_range(i, B: tl.constexpr, n):
+    """Offsets ``i * B + [0, B)`` of block ``i`` (int64 when ``i`` is) and their mask ``< n``."""
+    o = i * B + tl.arange(0, B)
+    return o, o < n
+
+
+@triton.jit
 def tanh(x):
     """tanh in fp32 from ``exp`` (the interpreter has no libdevice; the exp form never
     overflows because its argument is ``-2|x| <= 0``)."""

@@ -265,6 +265,23 @@ def _check(hidden, weight, targets, bias) -> tuple[int, int, int, torch.dtype]:
     return hidden.shape[0], weight.shape[0], hidden.shape[1], dot
 
 
+def _head_args(hidden, weight, bias, targets, opts: LogitOptions, dot: torch.dtype) -> dict:
+    """The arguments the forward and backward kernels share: ``hidden [N, H]``, ``weight [V, H]``,
+    ``bias [V]`` or None, ``targets [N]`` (contiguous), the logit options and the dot flags."""
+    return dict(
+        p_h=hidden,
+        p_w=weight,
+        p_b=bias,
+        p_y=targets,
+        V=weight.shape[0],
+        H=weight.shape[1],
+        stride_hn=hidden.stride(0),
+        stride_wv=weight.stride(0),
+        **_launch.option_args(opts),
+        **_launch.dot_flags(hidden.dtype, weight.dtype, dot),
+    )
+
+
 @autocast_off
 def linear_logprobs_fwd(
     hidden: torch.Tensor,
@@ -304,25 +321,16 @@ def linear_logprobs_fwd(
     _launch.launch(
         _linear_logprobs_fwd_kernel,
         (n_tb, splits),
-        p_h=hidden,
-        p_w=weight,
-        p_b=bias,
-        p_y=targets,
+        **_head_args(hidden, weight, bias, targets, opts, dot),
         p_part=part,
         p_topv=topv,
         p_topi=topi,
         N=n,
-        V=v,
-        H=h,
-        stride_hn=hidden.stride(0),
-        stride_wv=weight.stride(0),
         blocks_per_split=blocks_per_split,
-        **_launch.option_args(opts),
         NEED_ENT=want.entropy,
         NEED_ZMEAN=want.zmean,
         NEED_S2=want.log_sum_p2,
         **topk,
-        **_launch.dot_flags(hidden.dtype, weight.dtype, dot),
         BN=cfg.BN,
         BV=cfg.BV,
         BD=cfg.BD,
@@ -395,17 +403,8 @@ def linear_logprobs_bwd(
     cfg = config or bwd_config(n, v, h, dot)
     targets = targets.contiguous()
     common = dict(
-        p_h=hidden,
-        p_w=weight,
-        p_b=bias,
-        p_y=targets,
+        **_head_args(hidden, weight, bias, targets, opts, dot),
         **ptrs,
-        V=v,
-        H=h,
-        stride_hn=hidden.stride(0),
-        stride_wv=weight.stride(0),
-        **_launch.option_args(opts),
-        **_launch.dot_flags(hidden.dtype, weight.dtype, dot),
         BN=cfg.BN,
         BV=cfg.BV,
         BD=cfg.BD,

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from . import _launch
 from . import constants as C
-from ._jit import dot_operands, for_store
+from ._jit import block_range, dot_operands, for_store
 
 
 @triton.jit
@@ -62,17 +62,14 @@ def _linear_logprobs_dh_kernel(
     # program ids multiply row lengths: int64 from here on
     i_n = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
-    o_n = i_n * BN + tl.arange(0, BN)
-    o_h = i_h * BH + tl.arange(0, BH)
-    m_n = o_n < n_count
-    m_h = o_h < H
+    o_n, m_n = block_range(i_n, BN, n_count)
+    o_h, m_h = block_range(i_h, BH, H)
     p_out = p_acc + o_n[:, None] * H + o_h[None, :]
     m_out = m_n[:, None] & m_h[None, :]
     b_acc = tl.load(p_out, mask=m_out, other=0.0)
     for i_v in range(0, n_vb):
         if tl.load(p_live + i_n * stride_live + i_v) != 0:
-            o_c = i_v * BV + tl.arange(0, BV)
-            m_c = o_c < v_count
+            o_c, m_c = block_range(i_v, BV, v_count)
             b_dr = tl.load(
                 p_dr + o_n[:, None] * stride_dr + o_c[None, :], mask=m_n[:, None] & m_c[None, :], other=0.0
             )
@@ -113,15 +110,12 @@ def _linear_logprobs_dw_kernel(
     # program ids multiply row lengths: int64 from here on
     i_v = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
-    o_c = i_v * BV + tl.arange(0, BV)
-    o_h = i_h * BH + tl.arange(0, BH)
-    m_c = o_c < v_count
-    m_h = o_h < H
+    o_c, m_c = block_range(i_v, BV, v_count)
+    o_h, m_h = block_range(i_h, BH, H)
     b_acc = tl.zeros((BV, BH), dtype=tl.float32)
     for i_n in range(0, n_tb):
         if tl.load(p_live + i_n * stride_live + i_v) != 0:
-            o_n = i_n * BN + tl.arange(0, BN)
-            m_n = o_n < n_count
+            o_n, m_n = block_range(i_n, BN, n_count)
             b_dr = tl.load(
                 p_dr + o_n[:, None] * stride_dr + o_c[None, :], mask=m_n[:, None] & m_c[None, :], other=0.0
             )

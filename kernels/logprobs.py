@@ -60,6 +60,7 @@ from ._common import (
 )
 from ._jit import (
     NEG_BIG,
+    block_range,
     flags_from_none,
     for_store,
     logit_grad,
@@ -181,10 +182,8 @@ def _logprobs_bwd_kernel(
     # int64: row offsets reach N * V > 2**31 for long batches with 150k vocabularies
     i_n = tl.program_id(0).to(tl.int64)
     i_v = tl.program_id(1).to(tl.int64)
-    o_n = i_n * BN + tl.arange(0, BN)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_n = o_n < N
-    m_v = o_v < V
+    o_n, m_n = block_range(i_n, BN, N)
+    o_v, m_v = block_range(i_v, BV, V)
     b_y = tl.load(p_y + o_n, mask=m_n, other=ignore_index).to(tl.int64)
     m_valid = m_n & (b_y != ignore_index)
     m_tile = m_valid[:, None] & m_v[None, :]
@@ -223,6 +222,22 @@ def _layout(x3: torch.Tensor) -> dict:
     return dict(T_inner=t, stride_b=x3.stride(0) if b > 1 else 0, stride_t=x3.stride(1) if t > 1 else 0)
 
 
+def _input_args(x3: torch.Tensor, targets: torch.Tensor, opts: LogitOptions) -> dict:
+    """The arguments both kernels take for logits viewed as ``[B, T, V]`` (``x3``), ``targets``
+    (``B * T`` ids) and the logit options."""
+    lay = _layout(x3)
+    return dict(
+        p_x=x3,
+        p_y=targets.reshape(-1),
+        N=targets.numel(),
+        T_inner=lay["T_inner"],
+        V=x3.shape[-1],
+        stride_xb=lay["stride_b"],
+        stride_xt=lay["stride_t"],
+        **_launch.option_args(opts),
+    )
+
+
 @autocast_off
 def logprobs_fwd(
     logits: torch.Tensor,
@@ -241,18 +256,10 @@ def logprobs_fwd(
     want = want.checked(v)
     stats = _launch.stat_outputs(n, want, logits.device)
     if n:
-        lay = _layout(x3)
         _launch.launch(
             _logprobs_fwd_kernel,
             (triton.cdiv(n, C.LP_FWD_BN),),
-            p_x=x3,
-            p_y=targets.reshape(-1),
-            N=n,
-            T_inner=lay["T_inner"],
-            V=v,
-            stride_xb=lay["stride_b"],
-            stride_xt=lay["stride_t"],
-            **_launch.option_args(opts),
+            **_input_args(x3, targets, opts),
             **_launch.stat_args(stats, want),
             BN=C.LP_FWD_BN,
             BV=C.LP_FWD_BV,
@@ -286,23 +293,16 @@ def logprobs_bwd(
     ptrs = _launch.backward_args(saved, grads, n)
     if n == 0:
         return out
-    d3, lay = rows_3d_like(out, x3), _layout(x3)
+    d3 = rows_3d_like(out, x3)
     dlay = _layout(d3)
     _launch.launch(
         _logprobs_bwd_kernel,
         (triton.cdiv(n, C.LP_BWD_BN), triton.cdiv(v, C.LP_BWD_BV)),
-        p_x=x3,
+        **_input_args(x3, targets, opts),
         p_dx=d3,
-        p_y=targets.reshape(-1),
         **ptrs,
-        N=n,
-        T_inner=lay["T_inner"],
-        V=v,
-        stride_xb=lay["stride_b"],
-        stride_xt=lay["stride_t"],
         stride_dxb=dlay["stride_b"],
         stride_dxt=dlay["stride_t"],
-        **_launch.option_args(opts),
         INTERP_BF16=_launch.interpreting() and logits.dtype == torch.bfloat16,
         BN=C.LP_BWD_BN,
         BV=C.LP_BWD_BV,

@@ -41,25 +41,10 @@ def precompute_main(argv: list[str]) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress line")
     a = p.parse_args(argv)
     try:
-        r = precompute(
-            a.model,
-            a.data,
-            a.output,
-            dtype=a.dtype,
-            split=a.split,
-            kind=a.kind,
-            id_column=a.id_column,
-            batch_size=a.batch_size,
-            shard_size=a.shard_size,
-            max_length=a.max_length,
-            add_eos=not a.no_eos,
-            per_token=a.per_token,
-            topk=a.topk,
-            temperature=a.temperature,
-            device=a.device,
-            overwrite=a.overwrite,
-            progress=not a.quiet,
-        )
+        passed = ("dtype", "split", "kind", "id_column", "batch_size", "shard_size", "max_length")
+        passed += ("per_token", "topk", "temperature", "device", "overwrite")
+        options = {name: getattr(a, name) for name in passed}
+        r = precompute(a.model, a.data, a.output, add_eos=not a.no_eos, progress=not a.quiet, **options)
     except (CacheError, ValueError, TypeError, FileNotFoundError) as e:
         print(f"alignops precompute: error: {e}", file=sys.stderr)
         return 2
