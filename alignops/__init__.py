@@ -13,30 +13,13 @@ from . import (
     distributed,  # noqa: F401  (normalisers over data-parallel ranks)
     losses,  # noqa: F401  (the catalog: alignops.losses.dpo_loss, ...)
 )
+from . import rl as _rl
 from .fused import grpo_loss_from_hidden, ppo_loss_from_hidden
 from .kernels._common import DivergenceOptions, DivStats, LogitOptions, TokenStats
 from .linear_divergence import DivergenceOutput, divergence, linear_divergence, sparse_divergence
 from .linear_logprobs import LogProbsOutput, linear_cross_entropy, linear_logprobs
 from .logprobs import cross_entropy, logprobs
-from .rl import (
-    GAEOutput,
-    PPORewards,
-    RolloutCorrection,
-    compute_gae,
-    group_advantages,
-    kl_estimate,
-    opo_advantages,
-    passk_advantages,
-    ppo_rewards,
-    reinforce_pp_advantages,
-    reinforce_pp_baseline_advantages,
-    remax_advantages,
-    rloo_advantages,
-    rollout_correction,
-    sampling_importance_ratio,
-    truncated_mask,
-    whiten,
-)
+from .rl import *  # noqa: F403  (the RL estimators: every name of alignops.rl.__all__)
 from .sequence import SequenceLogProbs, reduce_packed, reduce_padded, sequence_logprobs, split_pair
 
 __version__ = "0.1.0"
@@ -48,37 +31,20 @@ __all__ = [
     "divergence",
     "linear_divergence",
     "sparse_divergence",
-    "GAEOutput",
     "LogProbsOutput",
     "LogitOptions",
-    "PPORewards",
-    "RolloutCorrection",
     "SequenceLogProbs",
-    "compute_gae",
     "cross_entropy",
     "distributed",
-    "group_advantages",
     "grpo_loss_from_hidden",
-    "kl_estimate",
     "linear_cross_entropy",
     "linear_logprobs",
     "logprobs",
     "losses",
-    "opo_advantages",
-    "passk_advantages",
     "ppo_loss_from_hidden",
-    "ppo_rewards",
     "reduce_packed",
     "reduce_padded",
-    "reinforce_pp_advantages",
-    "reinforce_pp_baseline_advantages",
-    "remax_advantages",
-    "rloo_advantages",
-    "rollout_correction",
-    "sampling_importance_ratio",
     "sequence_logprobs",
     "split_pair",
     "TokenStats",
-    "truncated_mask",
-    "whiten",
-]
+] + _rl.__all__
