@@ -33,6 +33,12 @@ def check_ce_options(*, reduction, label_smoothing, z_loss, num_items) -> None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     check_number("label_smoothing", label_smoothing, lo=0.0, lo_open=False, hi=1.0)
     check_number("z_loss", z_loss, lo=0.0, lo_open=False)
+    check_num_items(reduction, num_items)
+
+
+def check_num_items(reduction: str, num_items) -> None:
+    """``num_items`` (a global token count dividing a summed loss): ``None``, a number > 0 or a
+    scalar tensor, and never with ``reduction="none"``."""
     if num_items is None:
         return
     if reduction == "none":

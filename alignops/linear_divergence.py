@@ -22,6 +22,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from ._cross_entropy import check_num_items
 from ._ops.linear_divergence import (
     linear_divergence_fwd_op,
     logits_divergence_fwd_op,
@@ -47,15 +48,7 @@ def check_reduction(reduction, num_items) -> None:
     """Clear errors for a bad ``reduction`` / ``num_items``."""
     if reduction not in DIV_REDUCTIONS:
         raise ValueError(f"reduction must be one of {DIV_REDUCTIONS}, got {reduction!r}")
-    if num_items is None:
-        return
-    if reduction == "none":
-        raise ValueError("num_items divides a summed loss: use reduction='sum' or 'mean', not 'none'")
-    if isinstance(num_items, torch.Tensor):
-        if num_items.numel() != 1:
-            raise ValueError(f"num_items must be a scalar, got shape {tuple(num_items.shape)}")
-    elif isinstance(num_items, bool) or not isinstance(num_items, (int, float)) or not num_items > 0:
-        raise ValueError(f"num_items must be a number > 0 or a scalar tensor, got {num_items!r}")
+    check_num_items(reduction, num_items)
 
 
 def token_mask(
