@@ -126,9 +126,91 @@ def check_errors(rank, world):
     assert torch.isfinite(out.loss)
 
 
+def check_variants(rank, world):
+    """float32 inputs, DTensor heads (no group), ``reduce_hidden_grad=False`` and zero
+    probabilities on one rank (a ``-inf`` bias entry: finite jsd / tv / alpha(0.6), ``+inf`` forward
+    KL with a zero gradient)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    heads, mask, ups = problem(seed=1)
+    h_p, w_p, b_p, h_q, w_q, b_q = heads
+    sizes = even_sizes(V, world)
+    start, n = sum(sizes[:rank]), sizes[rank]
+    grp = dist.group.WORLD
+    # float32: forward KL and jsd against the float64 reference
+    for kw in ({"kind": "forward_kl"}, {"kind": "jsd", "beta": 0.7}):
+        d_ref, _, g_ref = _reference(heads, mask, ups, kw)
+        hp, wp = h_p.float().requires_grad_(), cut(w_p, sizes, rank).float().requires_grad_()
+        out = alignops.linear_divergence(
+            hp, wp, h_q.float(), cut(w_q, sizes, rank).float(), b_p=cut(b_p, sizes, rank).float(),
+            b_q=cut(b_q, sizes, rank).float(), mask=mask, reduction="none", process_group=grp,
+            return_entropy=True, **TF_P, **TF_Q, **kw,
+        )  # fmt: skip
+        (out.loss * ups[0] + out.entropy * ups[1]).sum().backward()
+        assert out.loss.dtype == torch.float32 and hp.grad.dtype == torch.float32
+        errs = [
+            rel_err(out.loss, d_ref),
+            rel_err(hp.grad, g_ref[0]),
+            rel_err(wp.grad, g_ref[1][start : start + n]),
+        ]
+        assert max(errs) < 2e-5, (kw, errs)
+    # DTensor Shard(0) heads, no process group; reduce_hidden_grad=False: partial dh sum to the full
+    mesh = init_device_mesh("cpu", (world,))
+    kw = {"kind": "tv"}
+    d_ref, ent_ref, g_ref = _reference(heads, mask, ups, kw)
+    x = [t.clone() if i in (0, 3) else distribute_tensor(t, mesh, [Shard(0)]) for i, t in enumerate(heads)]
+    x = [t.requires_grad_() for t in x]
+    out = alignops.linear_divergence(
+        x[0], x[1], x[3], x[4], b_p=x[2], b_q=x[5], mask=mask, reduction="none", return_entropy=True,
+        reduce_hidden_grad=False, **TF_P, **TF_Q, **kw,
+    )  # fmt: skip
+    (out.loss * ups[0] + out.entropy * ups[1]).sum().backward()
+    errs = [rel_err(out.loss, d_ref), rel_err(out.entropy, ent_ref)]
+    for i in (0, 3):
+        part = x[i].grad.clone()
+        assert max_err(part, g_ref[i]) > 1e-6, "the hidden gradient was reduced"
+        dist.all_reduce(part)
+        errs.append(rel_err(part, g_ref[i]))
+    for i in (1, 2, 4, 5):
+        errs.append(rel_err(x[i].grad.to_local(), g_ref[i][start : start + n]))
+    assert max(errs) < 1e-11, errs
+    # zero probabilities on rank 0's slice: no soft-cap, a -inf bias entry of the student
+    b_p0 = b_p.clone()
+    b_p0[1] = -float("inf")
+    zheads = (h_p, w_p, b_p0, h_q, w_q, b_q)
+    for kw in (
+        {"kind": "jsd", "beta": 0.4},
+        {"kind": "tv"},
+        {"kind": "alpha", "alpha": 0.6},
+        {"kind": "forward_kl"},
+    ):
+        div = DivergenceOptions(kw["kind"], kw.get("beta", 0.5), kw.get("alpha", 0.5))
+        xr = [t.clone().requires_grad_() for t in zheads]
+        d_ref = linear_divergence_ref(
+            xr[0].reshape(-1, HP), xr[1], xr[3].reshape(-1, HQ), xr[4], div, b_p=xr[2], b_q=xr[5]
+        )[0].view(N_SHAPE)
+        x = [t.clone() if i in (0, 3) else cut(t, sizes, rank) for i, t in enumerate(zheads)]
+        x = [t.requires_grad_() for t in x]
+        out = alignops.linear_divergence(
+            x[0], x[1], x[3], x[4], b_p=x[2], b_q=x[5], reduction="none", process_group=grp, **kw
+        )
+        (out.loss * torch.where(torch.isinf(d_ref), 0.0, ups[0])).sum().backward()
+        if kw["kind"] == "forward_kl":
+            assert torch.isinf(d_ref).all() and torch.isinf(out.loss).all() and (out.loss > 0).all()
+            assert all(torch.all(t.grad == 0) for t in x), "an infinite row got a gradient"
+            continue
+        d_ref.mul(ups[0]).sum().backward()
+        errs = [rel_err(out.loss, d_ref.detach())]
+        errs += [rel_err(x[i].grad, xr[i].grad) for i in (0, 3)]
+        errs += [rel_err(x[i].grad, xr[i].grad[start : start + n]) for i in (1, 4)]
+        assert max(errs) < 1e-11 and all(torch.isfinite(t.grad).all() for t in x), (kw, errs)
+
+
 def div_cases(rank: int, world: int) -> None:
     layouts = [(even_sizes(V, world), None), (uneven_sizes(world), None), (padded_sizes(V, world, 8), V)]
     for sizes, vocab_size in layouts:
         for kw in KINDS:
             check_kind(rank, world, sizes, kw, vocab_size)
+    check_variants(rank, world)
     check_errors(rank, world)
