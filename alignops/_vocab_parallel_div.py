@@ -44,6 +44,7 @@ import torch.distributed as dist
 from ._torch import linear_divergence as eng
 from ._vocab_parallel import Shard, _check, _float_bits, is_dtensor, local_shard, plan
 from .kernels._common import (
+    F_GENERATORS,
     DivergenceOptions,
     DivStats,
     LogitOptions,
@@ -210,7 +211,7 @@ def linear_divergence_parallel(
         ("divergence kind", _KINDS.index(div.kind)),
         ("beta", _float_bits(div.beta)),
         ("alpha", _float_bits(div.alpha)),
-        ("generator", -1 if div.generator is None else sum(map(ord, div.generator))),
+        ("generator", -1 if div.generator is None else F_GENERATORS.index(div.generator)),
     )
     sh = plan(
         group,
