@@ -226,6 +226,7 @@ def linear_divergence_parallel(
         vocab_size=vocab_size,
         reduce_hidden_grad=reduce_dh,
         local_error=err,
+        targets_name="token mask",
         extra=(("dtypes", _dtype_code((h_p, w_p, b_p, h_q, w_q, b_q)) if ok else -1), *extra),
     )
     cut = slice(0, sh.valid) if sh.valid > 0 else slice(None)
