@@ -144,11 +144,15 @@ def plan(
     vocab_size: int | None,
     reduce_hidden_grad: bool,
     local_error: Exception | None = None,
+    extra: tuple = (),
+    targets_name: str = "targets",
 ) -> Shard:
     """Check that every rank of ``group`` runs the same call on consistent slices (one all-gather
     of a few int64 per rank) and return this rank's :class:`Shard`. Raises on every rank when
     they disagree, or when any rank's own input check failed (``local_error``: that rank raises
-    it, the others say which rank failed), so no rank is left waiting in a collective."""
+    it, the others say which rank failed), so no rank is left waiting in a collective.
+    ``extra``: further ``(name, int)`` fields that must be equal on every rank; ``targets_name``:
+    what the ``targets`` are called in the messages (e.g. a token mask)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("process_group needs torch.distributed to be initialised (init_process_group)")
     if group is None:
@@ -182,6 +186,7 @@ def plan(
             (want.entropy << 0 | want.zmean << 1 | want.log_sum_p2 << 2) + 8 * want.topk,
             -1 if vocab_size is None else vocab_size,
             int(reduce_hidden_grad),
+            *(x for _, x in extra),
         ],
         dtype=torch.int64,
         device=y.device,
@@ -194,7 +199,8 @@ def plan(
     if bool(table[:, 0].any()):
         bad = table[:, 0].nonzero().flatten().tolist()
         raise ValueError(f"vocabulary-parallel call: the inputs of rank(s) {bad} of the group failed a check")
-    for j, (name, same) in enumerate(_FIELDS):
+    fields = tuple((n.replace("targets", targets_name), same) for n, same in _FIELDS)
+    for j, (name, same) in enumerate(fields + tuple((name, True) for name, _ in extra)):
         if same and bool((table[:, j] != table[0, j]).any()):
             raise ValueError(
                 f"vocabulary-parallel call: ranks disagree on {name} (per rank: {table[:, j].tolist()}); "

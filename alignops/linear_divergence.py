@@ -28,6 +28,8 @@ from ._ops.linear_divergence import (
     logits_divergence_fwd_op,
     sparse_divergence_fwd_op,
 )
+from ._vocab_parallel import is_dtensor
+from ._vocab_parallel_div import linear_divergence_parallel
 from .kernels._common import DivergenceOptions, LogitOptions, rows_2d
 
 DivReduction = Literal["none", "sum", "mean", "batchmean"]
@@ -126,6 +128,9 @@ def linear_divergence(
     reduction: DivReduction = "mean",
     num_items: int | float | torch.Tensor | None = None,
     return_entropy: bool = False,
+    process_group=None,
+    vocab_size: int | None = None,
+    reduce_hidden_grad: bool = True,
 ) -> DivergenceOutput:
     """A per-token divergence between the student head ``(h_p, w_p, b_p)`` and the teacher head
     ``(h_q, w_q, b_q)``, reduced, without the ``[N, V]`` logits of either.
@@ -146,6 +151,16 @@ def linear_divergence(
             tokens) or ``"batchmean"`` (sum / leading dim 0); num_items: divide the sum by this
             global count instead.
         return_entropy: also return the student's per-token entropy (same pass, differentiable).
+        process_group: vocabulary parallelism (docs/distributed.md): ``w_p`` / ``w_q`` (and
+            ``b_p`` / ``b_q``) are this rank's rows ``[V_r, H]`` of both heads, the same slice of
+            the vocabulary for both, and the result covers the full vocabulary on every rank
+            (``alignops/_vocab_parallel_div.py``: forward / reverse KL, alpha and the entropy
+            combine in one pass; jsd and tv take a second pass after the global normalizers).
+            DTensor heads sharded ``Shard(0)`` on a 1-D mesh need no group. The PyTorch engine
+            runs on every device here (the Triton kernels do not take the global statistics).
+        vocab_size: with a process group, the true vocabulary size when the slices are padded.
+        reduce_hidden_grad: with a process group, all-reduce (sum) the gradients of ``h_p`` /
+            ``h_q`` over the group (False: the caller's layer does it).
 
     Returns:
         :class:`DivergenceOutput` ``(loss, entropy)``. Rows where the divergence is infinite in
@@ -166,6 +181,13 @@ def linear_divergence(
     opts = _head_opts(temperature_p, softcap_p, logit_scale_p) + _head_opts(
         temperature_q, softcap_q, logit_scale_q
     )
+    if process_group is not None or any(is_dtensor(t) for t in (w_p, w_q, b_p, b_q)):
+        d, ent = linear_divergence_parallel(
+            rows_2d(h_p), w_p, b_p, rows_2d(h_q), w_q, b_q, valid,
+            LogitOptions(*opts[:4]), LogitOptions(*opts[4:]), DivergenceOptions(*div), return_entropy,
+            process_group, vocab_size, reduce_hidden_grad,
+        )  # fmt: skip
+        return _finish((d, None, None, ent), valid, lead, reduction, num_items, return_entropy)
     out = linear_divergence_fwd_op(
         rows_2d(h_p), w_p, b_p, rows_2d(h_q), w_q, b_q, valid, *opts, *div, return_entropy
     )

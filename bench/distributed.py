@@ -9,12 +9,13 @@ forward and backward, and prints:
 * the largest absolute error of every output and gradient against the single-process float64
   computation on the full head (float64 inputs: the combine itself; float32 inputs: what a run
   in float32 sees);
-* every collective the calls made, counted by wrapping ``torch.distributed.all_reduce`` /
-  ``all_gather``: the payload (elements and bytes) per token of each call, for two vocabulary
-  sizes (a ring all-reduce moves about ``2 (P - 1) / P`` times its payload per rank), which shows
-  that the per-token traffic does not depend on ``V`` (O(1) floats per token; the top-k
-  all-gather is O(k); the hidden-state gradient all-reduce is the usual ``H`` floats per token of
-  a tensor-parallel layer, unless ``reduce_hidden_grad=False``).
+* every collective the calls made (and those of ``linear_divergence``, forward KL and jsd),
+  counted by wrapping ``torch.distributed.all_reduce`` / ``all_gather``: the payload (elements
+  and bytes) per token of each call, for two vocabulary sizes (a ring all-reduce moves about
+  ``2 (P - 1) / P`` times its payload per rank), which shows that the per-token traffic does not
+  depend on ``V`` (O(1) floats per token; the top-k all-gather is O(k); the hidden-state gradient
+  all-reduce is the usual ``H`` floats per token of a tensor-parallel layer, unless
+  ``reduce_hidden_grad=False``).
 
 Options: ``--tokens``, ``--hidden``, ``--vocab`` (two sizes), ``--worlds``.
 """
@@ -158,10 +159,31 @@ def _worker(rank, world, port, n, hdim, vocabs, topk, queue):
                     "forward": fwd.calls,
                     "backward": bwd.calls,
                     "cross_entropy": ce_calls.calls,
+                    **_divergence_traffic(h.detach(), w.detach(), g),
                 }
     queue.put((rank, report))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _divergence_traffic(h, w, g) -> dict:
+    """The collectives of ``linear_divergence`` with a group (student = this head, teacher = a
+    perturbed copy): forward KL with the entropy (forward, backward) and jsd (two rounds)."""
+    import alignops
+
+    wq = w + 0.1 * torch.randn(w.shape, generator=g, dtype=w.dtype)
+    out = {}
+    for kind in ("forward_kl", "jsd"):
+        hp, wp = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with _Counter() as fwd:
+            o = alignops.linear_divergence(
+                hp, wp, h, wq, kind=kind, return_entropy=True, reduction="sum", process_group=dist.group.WORLD
+            )
+        with _Counter() as bwd:
+            (o.loss + o.entropy.sum()).backward()
+        out[f"divergence {kind} + entropy forward"] = fwd.calls
+        out[f"divergence {kind} + entropy backward"] = bwd.calls
+    return out
 
 
 def _free_port() -> int:
@@ -199,7 +221,7 @@ def _print(world: int, n: int, hdim: int, vocabs: list[int], res: dict) -> None:
                         for (d, k), e in res["errors"].items() if d == dtype)  # fmt: skip
         print(f"  {dtype} inputs: {row}")
     print("collectives sent by rank 0 per call (float32 inputs); the first all_gather is the")
-    print("input check (a fixed 16 int64 per rank, not per token):")
+    print("input check (a fixed 16 int64 per rank, 26 for the divergences, not per token):")
     for v, phases in res["traffic"].items():
         for phase, calls in phases.items():
             print(f"  V={v:>6} {phase}:")

@@ -333,6 +333,23 @@ def linear_divergence_fwd(
     return _forward(pair, valid, div, want_entropy, row_sums_out)
 
 
+@autocast_off
+def linear_divergence_row_sums(
+    h_p, w_p, b_p, h_q, w_q, b_q, valid, opts_p: LogitOptions, opts_q: LogitOptions, div, lse_p, lse_q
+) -> torch.Tensor:
+    """The second pass of ``jsd`` / ``tv`` alone, with given normalizers ``lse_p``, ``lse_q [N]``
+    (e.g. the full-vocabulary ones of a vocabulary-parallel head, ``alignops._vocab_parallel_div``):
+    ``[2, N]`` partial row sums ``(K_q, K_p)`` or ``(E_p s, E_q s)`` over this head's vocabulary
+    rows, 0 where ``valid`` is False."""
+    base, prm, _ = resolve(div)
+    if base not in ("jsd", "tv"):
+        raise ValueError(f"row sums exist for jsd and tv only, got the kind {base!r}")
+    pair = _linear_pair(h_p, w_p, b_p, h_q, w_q, b_q, valid, opts_p, opts_q, 3, False)
+    big = torch.full((), _BIG, dtype=pair.cdt, device=valid.device)
+    lp, lq = (torch.where(valid, x.to(pair.cdt), big) for x in (lse_p, lse_q))
+    return torch.stack(_row_sums(pair, base, prm, lp, lq))
+
+
 def _linear_pair(h_p, w_p, b_p, h_q, w_q, b_q, valid, opts_p, opts_q, nscratch, keep_th) -> _Pair:
     dots = check_divergence_inputs(h_p, w_p, b_p, h_q, w_q, b_q, valid)
     cdt = compute_dtype(h_p, w_p, b_p, h_q, w_q, b_q)
