@@ -25,7 +25,7 @@ import torch
 
 WORDS = [f"w{i}" for i in range(90)]
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
-TRAINERS = ("dpo", "kto", "grpo", "rloo", "sft")
+TRAINERS = ("dpo", "kto", "grpo", "rloo", "sft", "distill")
 
 
 def tiny_tokenizer(path: str):
@@ -48,10 +48,9 @@ def tiny_llama(vocab_size: int, seed: int = 0, **overrides):
     import transformers
 
     torch.manual_seed(seed)
+    sizes = {"hidden_size": 32, "intermediate_size": 64} | overrides
     cfg = transformers.LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -59,7 +58,7 @@ def tiny_llama(vocab_size: int, seed: int = 0, **overrides):
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=2,
-        **overrides,
+        **sizes,
     )
     return transformers.LlamaForCausalLM(cfg)
 
@@ -87,7 +86,7 @@ def tiny_dataset(kind: str, rows: int = 16, seed: int = 0):
             {"prompt": _sentence(rng, 3, 7), "completion": " " + _sentence(rng, 2, 9), "label": bool(i % 2)}
             for i in range(rows)
         ]
-    elif kind in ("grpo", "rloo"):
+    elif kind in ("grpo", "rloo", "distill"):
         data = [{"prompt": _sentence(rng, 3, 7)} for _ in range(rows)]
     elif kind == "sft":
         data = [{"text": _sentence(rng, 5, 15)} for _ in range(rows)]
@@ -146,6 +145,16 @@ def build_trainer(kind: str, out_dir: str, *, steps: int = 3, vocab_size: int | 
         args = trl.GRPOConfig(max_completion_length=8, beta=0.04, **common)
         return trl.GRPOTrainer(
             model=model, reward_funcs=_reward_ids, args=args, train_dataset=ds, processing_class=tok
+        )
+    if kind == "distill":
+        # the teacher: another random tiny Llama of the same vocabulary, wider (H = 48)
+        teacher = os.path.join(out_dir, "teacher")
+        wide = {"hidden_size": 48, "intermediate_size": 96}
+        tiny_llama(vocab_size or len(tok), seed=1, **wide).save_pretrained(teacher)
+        common.setdefault("beta", 0.5)
+        args = trl.DistillationConfig(max_completion_length=8, **common)
+        return trl.DistillationTrainer(
+            model=model, teacher_model=teacher, args=args, train_dataset=ds, processing_class=tok
         )
     raise ValueError(f"unknown trainer {kind!r}; known: {TRAINERS}")
 
