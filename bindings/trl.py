@@ -294,6 +294,48 @@ def _hook_dpo_reference(lookup) -> None:
     _set(DPOTrainer, "_precompute_ref_logps", looked_up)
 
 
+def cache_reference(cache, *, id_column: str | None = None):
+    """A ``dpo_reference`` lookup for :func:`enable` reading an :mod:`alignops.cache` reference cache.
+
+    ``cache``: a :class:`alignops.cache.ReferenceCache` (precomputed with the reference model on
+    the training data), or a mapping from TRL's dataset name (``"train"``, ``"eval"``, or an eval
+    dataset's key) to one; a name the mapping lacks is left to TRL (its own precompute).
+    Each row's key is computed from the ids TRL tokenized (``prompt_ids``, ``chosen_ids``,
+    ``rejected_ids``), so a cache tokenized otherwise (another tokenizer, chat template, EOS rule)
+    raises :class:`alignops.cache.CacheKeyError` naming how many rows are missing, never a wrong
+    value. ``id_column``: a dataset column that joined the keys at precompute time.
+
+    Returns ``lookup(trainer, dataset, name)``: the dataset with ``ref_chosen_logps`` /
+    ``ref_rejected_logps`` (the cached sums over each completion's tokens) added.
+    """
+    from collections.abc import Mapping
+
+    from alignops.cache import reference_logps
+
+    def lookup(trainer, dataset, name):
+        found = cache.get(name) if isinstance(cache, Mapping) else cache
+        if found is None:
+            return None
+        missing = {"prompt_ids", "chosen_ids", "rejected_ids"} - set(dataset.column_names)
+        if missing:
+            raise ValueError(
+                f"alignops.bindings.trl.cache_reference: the tokenized {name!r} dataset has no "
+                f"{sorted(missing)} (columns: {dataset.column_names})"
+            )
+        batch = {
+            "prompt_input_ids": list(dataset["prompt_ids"]),
+            "chosen_input_ids": list(dataset["chosen_ids"]),
+            "rejected_input_ids": list(dataset["rejected_ids"]),
+        }
+        eids = None if id_column is None else [str(v) for v in dataset[id_column]]
+        refs = reference_logps(found, batch, kind="preference", example_ids=eids, device="cpu")
+        for col in ("ref_chosen_logps", "ref_rejected_logps"):
+            dataset = dataset.add_column(col, refs[col].tolist())
+        return dataset
+
+    return lookup
+
+
 def enable(*, dpo_reference=None) -> Switch:
     """Route every TRL trainer's fused LM head through alignops (idempotent).
 
@@ -307,7 +349,8 @@ def enable(*, dpo_reference=None) -> Switch:
     log-probs (``DPOConfig(precompute_ref_log_probs=True)``, required: refused otherwise), it is
     given the tokenized dataset (``prompt_ids``, ``chosen_ids``, ``rejected_ids`` in TRL 1.16)
     and returns it with the columns ``ref_chosen_logps`` / ``ref_rejected_logps`` (summed over
-    each completion's tokens), or ``None`` for TRL to compute them (on alignops' head). The hook
+    each completion's tokens), or ``None`` for TRL to compute them (on alignops' head);
+    :func:`cache_reference` makes one from an :mod:`alignops.cache` reference cache. The hook
     stays until :func:`disable` (a later ``enable()`` without it keeps it).
     """
     import trl.trainer.utils as trl_utils
@@ -385,6 +428,7 @@ __all__ = [
     "AlignopsDivergenceFunction",
     "AlignopsLogProbFunction",
     "HeadCalls",
+    "cache_reference",
     "count_head_calls",
     "disable",
     "divergence_head",
