@@ -1,7 +1,8 @@
 """TRL trainers with and without alignops' fused head: per-step losses, head calls, peak memory.
 
 ``python -m alignops.bench.trl_trainers`` runs TRL's DPOTrainer, GRPOTrainer and SFTTrainer (add
-``--trainers dpo,kto,grpo,sft``) on a tiny random Llama (2 layers, H = 32, vocabulary ``--vocab``,
+``--trainers dpo,kto,grpo,rloo,sft,distill``; ``distill``: the DistillationTrainer with a wider
+teacher, its divergence head replaced) on a tiny random Llama (2 layers, H = 32, vocabulary ``--vocab``,
 default 32000) on the CPU, each twice (TRL's own head, then alignops' head through
 :func:`alignops.bindings.trl.enable`), each run in a fresh process, and prints the per-step
 losses side by side, how many times each head ran, and the peak extra RSS of ``trainer.train()``.
@@ -296,7 +297,7 @@ def report(trainers: list[str], steps: int, vocab: int, tokens: int, hidden: int
             print(f"  {i:>4}  {a:>14.7f}  {b:>14.7f}  {abs(a - b):>9.2e}  {abs(ga - gb) / ga:>18.2e}")
         for name, r in (("TRL head", off), ("alignops", on)):
             print(
-                f"  {name:<9} TRL ChunkedLogProbFunction calls {r['trl_calls']:>3}, alignops head calls "
+                f"  {name:<9} TRL head calls {r['trl_calls']:>3}, alignops head calls "
                 f"{r['alignops_calls']:>3}, peak {r['peak_extra_mib']:8.1f} MiB"
             )
         print()
