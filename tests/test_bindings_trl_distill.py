@@ -132,3 +132,29 @@ def test_distillation_trainer_losses_match_and_trl_head_never_runs(beta):
         "grad norms", torch.tensor(off["grad_norms"]), torch.tensor(on["grad_norms"]), atol=0, rtol=1e-5
     )
     assert min(off["losses"]) > 0 and not binding.is_enabled()
+
+
+def test_divergence_head_under_bf16_autocast():
+    """TRL's default mixed precision: fp32 master weights, bf16 autocast. Both heads multiply the
+    bf16-rounded operands and keep fp32 logits: values equal float64 on those operands; the student
+    gradients equal TRL's to bf16 rounding of the backward matmuls."""
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    g = torch.Generator().manual_seed(5)
+    h_s = torch.randn(29, 16, generator=g).requires_grad_()
+    w_s = (torch.randn(301, 16, generator=g) / 4).requires_grad_()
+    h_t, w_t = torch.randn(29, 24, generator=g), torch.randn(301, 24, generator=g) / 5
+    up = torch.randn(29, generator=g)
+    got = {}
+    for name, head in (("alignops", binding.AlignopsDivergenceFunction), ("trl", ChunkedDivergenceFunction)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            div, ent = head.apply(h_s, w_s, None, h_t, w_t, None, 0.4, 0.9)
+        assert div.dtype == torch.float32
+        got[name] = (div, ent, *torch.autograd.grad((div * up).sum(), (h_s, w_s)))
+    bf = lambda t: t.detach().bfloat16().double()  # noqa: E731
+    want = _trl_divergence_f64(bf(h_s) @ bf(w_s).T / 0.9, bf(h_t) @ bf(w_t).T / 0.9, 0.4)
+    for i, name in enumerate(("divergence", "entropy")):
+        assert_close(name + " bf16", want[i], got["alignops"][i], atol=1e-5, rtol=1e-5)
+    for i, name in ((2, "dhidden"), (3, "dweight")):
+        assert got["alignops"][i].dtype == torch.float32
+        assert_close(name + " vs TRL bf16", got["trl"][i], got["alignops"][i], atol=5e-4, rtol=1e-2)
