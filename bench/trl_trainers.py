@@ -1,7 +1,8 @@
 """TRL trainers with and without alignops' fused head: per-step losses, head calls, peak memory.
 
 ``python -m alignops.bench.trl_trainers`` runs TRL's DPOTrainer, GRPOTrainer and SFTTrainer (add
-``--trainers dpo,kto,grpo,sft``) on a tiny random Llama (2 layers, H = 32, vocabulary ``--vocab``,
+``--trainers dpo,kto,grpo,rloo,sft,distill``; ``distill``: the DistillationTrainer with a wider
+teacher, its divergence head replaced) on a tiny random Llama (2 layers, H = 32, vocabulary ``--vocab``,
 default 32000) on the CPU, each twice (TRL's own head, then alignops' head through
 :func:`alignops.bindings.trl.enable`), each run in a fresh process, and prints the per-step
 losses side by side, how many times each head ran, and the peak extra RSS of ``trainer.train()``.
@@ -25,7 +26,7 @@ import torch
 
 WORDS = [f"w{i}" for i in range(90)]
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
-TRAINERS = ("dpo", "kto", "grpo", "rloo", "sft")
+TRAINERS = ("dpo", "kto", "grpo", "rloo", "sft", "distill")
 
 
 def tiny_tokenizer(path: str):
@@ -48,10 +49,9 @@ def tiny_llama(vocab_size: int, seed: int = 0, **overrides):
     import transformers
 
     torch.manual_seed(seed)
+    sizes = {"hidden_size": 32, "intermediate_size": 64} | overrides
     cfg = transformers.LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -59,7 +59,7 @@ def tiny_llama(vocab_size: int, seed: int = 0, **overrides):
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=2,
-        **overrides,
+        **sizes,
     )
     return transformers.LlamaForCausalLM(cfg)
 
@@ -87,7 +87,7 @@ def tiny_dataset(kind: str, rows: int = 16, seed: int = 0):
             {"prompt": _sentence(rng, 3, 7), "completion": " " + _sentence(rng, 2, 9), "label": bool(i % 2)}
             for i in range(rows)
         ]
-    elif kind in ("grpo", "rloo"):
+    elif kind in ("grpo", "rloo", "distill"):
         data = [{"prompt": _sentence(rng, 3, 7)} for _ in range(rows)]
     elif kind == "sft":
         data = [{"text": _sentence(rng, 5, 15)} for _ in range(rows)]
@@ -146,6 +146,16 @@ def build_trainer(kind: str, out_dir: str, *, steps: int = 3, vocab_size: int | 
         args = trl.GRPOConfig(max_completion_length=8, beta=0.04, **common)
         return trl.GRPOTrainer(
             model=model, reward_funcs=_reward_ids, args=args, train_dataset=ds, processing_class=tok
+        )
+    if kind == "distill":
+        # the teacher: another random tiny Llama of the same vocabulary, wider (H = 48)
+        teacher = os.path.join(out_dir, "teacher")
+        wide = {"hidden_size": 48, "intermediate_size": 96}
+        tiny_llama(vocab_size or len(tok), seed=1, **wide).save_pretrained(teacher)
+        common.setdefault("beta", 0.5)
+        args = trl.DistillationConfig(max_completion_length=8, **common)
+        return trl.DistillationTrainer(
+            model=model, teacher_model=teacher, args=args, train_dataset=ds, processing_class=tok
         )
     raise ValueError(f"unknown trainer {kind!r}; known: {TRAINERS}")
 
@@ -287,7 +297,7 @@ def report(trainers: list[str], steps: int, vocab: int, tokens: int, hidden: int
             print(f"  {i:>4}  {a:>14.7f}  {b:>14.7f}  {abs(a - b):>9.2e}  {abs(ga - gb) / ga:>18.2e}")
         for name, r in (("TRL head", off), ("alignops", on)):
             print(
-                f"  {name:<9} TRL ChunkedLogProbFunction calls {r['trl_calls']:>3}, alignops head calls "
+                f"  {name:<9} TRL head calls {r['trl_calls']:>3}, alignops head calls "
                 f"{r['alignops_calls']:>3}, peak {r['peak_extra_mib']:8.1f} MiB"
             )
         print()

@@ -24,13 +24,18 @@ arrive as full tensors (TRL gathers a DTensor head before the call; a DTensor we
 head directly is gathered with ``full_tensor()``, differentiably); DeepSpeed ZeRO-3 heads are
 refused (see below).
 
+The DistillationTrainer's divergence head (``ChunkedDivergenceFunction``: TRL's generalized JSD
+between student and teacher heads, Agarwal et al., 2024, arXiv:2306.13649) is replaced by
+:func:`alignops.linear_divergence` (``kind="jsd"`` with TRL's ``beta``: 0 the forward KL(teacher ||
+student), 1 the reverse KL, in between the mixture ``(1 - beta) p_student + beta p_teacher``; one
+temperature for both heads; the gradient to the student only, the entropy without one).
+
 Refused, with the reason, never silently left on TRL's code: a logit scale that is not a finite
 number > 0, an unknown output name, DTensor hidden states, DeepSpeed ZeRO-3 (TRL gathers the head
-for the forward only and re-gathers it in its own backward, which alignops' backward does not),
-and the DistillationTrainer (its divergence head, ``ChunkedDivergenceFunction``, has no alignops
-counterpart yet).
+for the forward only and re-gathers it in its own backward, which alignops' backward does not).
 
-:func:`count_head_calls` counts the calls of both heads: with the switch on, TRL's ran zero times.
+:func:`count_head_calls` counts the calls of TRL's heads and of alignops': with the switch on, TRL's
+ran zero times.
 """
 
 from __future__ import annotations
@@ -46,16 +51,11 @@ from ._common import full_head, head_logprobs, is_dtensor
 #: The per-token fields of TRL's ``FusedCausalLMOutput`` the head computes, in its return order.
 OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
-_UNSUPPORTED_DISTILLATION = (
-    "alignops.bindings.trl: DistillationTrainer is not yet supported: its divergence head "
-    "(trl ChunkedDivergenceFunction) has no alignops kernel yet, and with the alignops switch on "
-    "no TRL head runs. Call alignops.bindings.trl.disable() to train it on TRL's own head."
-)
-
 
 @dataclass
 class HeadCalls:
-    """How many times each head ran (forward calls) inside :func:`count_head_calls`."""
+    """How many times each head ran (forward calls) inside :func:`count_head_calls`: TRL's
+    log-prob and divergence heads together (``trl``), alignops' in their place (``alignops``)."""
 
     alignops: int = 0
     trl: int = 0
@@ -145,14 +145,85 @@ class AlignopsLogProbFunction:
     apply = staticmethod(fused_head)
 
 
-class _Refused:
-    """Stands in for a TRL head alignops does not cover: every call raises with the reason."""
+def divergence_head(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    teacher_bias: torch.Tensor | None,
+    beta: float,
+    temperature: float = 1.0,
+    student_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_final_logit_softcapping: float | None = None,
+):
+    """TRL's divergence head on alignops: same arguments as ``ChunkedDivergenceFunction.apply``.
 
-    def __init__(self, reason: str):
-        self.reason = reason
+    Args:
+        student_hidden: ``[N, Hs]``; student_weight ``[V, Hs]``; student_bias ``[V]`` or ``None``.
+        teacher_hidden: ``[N, Ht]``; teacher_weight ``[V, Ht]``; teacher_bias ``[V]`` or ``None``.
+        beta: in ``[0, 1]``: 0 the forward KL(teacher || student), 1 the reverse KL(student ||
+            teacher), else the generalized JSD ``beta KL(t || m) + (1 - beta) KL(s || m)`` with
+            ``m = (1 - beta) p_s + beta p_t`` (Agarwal et al., 2024, arXiv:2306.13649).
+        temperature: divides both heads' logits, after each head's ``logit_scale`` and soft-cap.
 
-    def apply(self, *args, **kwargs):
-        raise NotImplementedError(self.reason)
+    Returns:
+        ``(divergence, entropy)``, each ``[N]`` fp32: the per-token divergence (differentiable
+        with respect to the student only, as TRL's) and the student's entropy (no gradient).
+    """
+    if is_dtensor(student_hidden) or is_dtensor(teacher_hidden):
+        raise TypeError("alignops.bindings.trl: hidden states are a DTensor; pass the local tensor")
+    beta = float(beta)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"alignops.bindings.trl: the distillation beta must be in [0, 1], got {beta!r}")
+    scales = (float(student_logit_scale), float(teacher_logit_scale))
+    if not all(s > 0 and math.isfinite(s) for s in scales):
+        raise ValueError(
+            f"alignops.bindings.trl: logit scales {scales} read from the model configs must be finite "
+            "numbers > 0; alignops' head does not support others (disable the switch for this model)"
+        )
+    if _zero3():
+        raise NotImplementedError(
+            "alignops.bindings.trl: DeepSpeed ZeRO-3 is not supported yet: alignops' backward reads the "
+            "LM-head weight TRL gathered for the forward only. Use FSDP2, ZeRO-1/2, or disable the switch."
+        )
+    for c in _counters:
+        c.alignops += 1
+    student_weight, student_bias = full_head(student_weight, student_bias)
+    teacher_weight, teacher_bias = full_head(teacher_weight, teacher_bias)
+    s_dt, t_dt = compute_dtype(student_hidden), compute_dtype(teacher_hidden)
+    # TRL's head gives the teacher no gradient: its tensors are detached
+    teacher_hidden = teacher_hidden.detach().to(t_dt)
+    teacher_weight = to_compute(teacher_weight.detach(), t_dt)
+    teacher_bias = None if teacher_bias is None else to_compute(teacher_bias.detach(), t_dt)
+    with autocast_off(student_hidden):
+        out = alignops.linear_divergence(
+            student_hidden.to(s_dt),
+            to_compute(student_weight, s_dt),
+            teacher_hidden,
+            teacher_weight,
+            kind="jsd",
+            beta=beta,
+            b_p=to_compute(student_bias, s_dt),
+            b_q=teacher_bias,
+            temperature_p=temperature,
+            temperature_q=temperature,
+            softcap_p=student_final_logit_softcapping,
+            softcap_q=teacher_final_logit_softcapping,
+            logit_scale_p=scales[0],
+            logit_scale_q=scales[1],
+            reduction="none",
+            return_entropy=True,
+        )
+    return out.loss, out.entropy.detach()
+
+
+class AlignopsDivergenceFunction:
+    """Stands in for TRL's ``ChunkedDivergenceFunction`` (only ``apply`` is used by TRL)."""
+
+    apply = staticmethod(divergence_head)
 
 
 # (owner, attribute name, original value) of every attribute replaced while enabled
@@ -216,19 +287,63 @@ def _hook_dpo_reference(lookup) -> None:
     _set(DPOTrainer, "_precompute_ref_logps", looked_up)
 
 
+def cache_reference(cache, *, id_column: str | None = None):
+    """A ``dpo_reference`` lookup for :func:`enable` reading an :mod:`alignops.cache` reference cache.
+
+    ``cache``: a :class:`alignops.cache.ReferenceCache` (precomputed with the reference model on
+    the training data), or a mapping from TRL's dataset name (``"train"``, ``"eval"``, or an eval
+    dataset's key) to one; a name the mapping lacks is left to TRL (its own precompute).
+    Each row's key is computed from the ids TRL tokenized (``prompt_ids``, ``chosen_ids``,
+    ``rejected_ids``), so a cache tokenized otherwise (another tokenizer, chat template, EOS rule)
+    raises :class:`alignops.cache.CacheKeyError` naming how many rows are missing, never a wrong
+    value. ``id_column``: a dataset column that joined the keys at precompute time.
+
+    Returns ``lookup(trainer, dataset, name)``: the dataset with ``ref_chosen_logps`` /
+    ``ref_rejected_logps`` (the cached sums over each completion's tokens) added.
+    """
+    from collections.abc import Mapping
+
+    from alignops.cache import reference_logps
+
+    def lookup(trainer, dataset, name):
+        found = cache.get(name) if isinstance(cache, Mapping) else cache
+        if found is None:
+            return None
+        missing = {"prompt_ids", "chosen_ids", "rejected_ids"} - set(dataset.column_names)
+        if missing:
+            raise ValueError(
+                f"alignops.bindings.trl.cache_reference: the tokenized {name!r} dataset has no "
+                f"{sorted(missing)} (columns: {dataset.column_names})"
+            )
+        batch = {
+            "prompt_input_ids": list(dataset["prompt_ids"]),
+            "chosen_input_ids": list(dataset["chosen_ids"]),
+            "rejected_input_ids": list(dataset["rejected_ids"]),
+        }
+        eids = None if id_column is None else [str(v) for v in dataset[id_column]]
+        refs = reference_logps(found, batch, kind="preference", example_ids=eids, device="cpu")
+        for col in ("ref_chosen_logps", "ref_rejected_logps"):
+            dataset = dataset.add_column(col, refs[col].tolist())
+        return dataset
+
+    return lookup
+
+
 def enable(*, dpo_reference=None) -> Switch:
     """Route every TRL trainer's fused LM head through alignops (idempotent).
 
     Patches ``trl.trainer.utils._ChunkedLogProbFunction`` (the head ``add_fused_lm_head``'s forward
-    looks up on every call, so models patched earlier switch too) and refuses the
-    DistillationTrainer (construction and its divergence head) with the reason.
+    looks up on every call, so models patched earlier switch too) and the DistillationTrainer's
+    divergence head (``ChunkedDivergenceFunction``, a module global of
+    ``trl.trainer.distillation_trainer``) with :class:`AlignopsDivergenceFunction`.
 
     ``dpo_reference``: the hook for cached reference log-probs in DPOTrainer, a callable
     ``(trainer, dataset, name) -> dataset | None``. Where the trainer precomputes its reference
     log-probs (``DPOConfig(precompute_ref_log_probs=True)``, required: refused otherwise), it is
     given the tokenized dataset (``prompt_ids``, ``chosen_ids``, ``rejected_ids`` in TRL 1.16)
     and returns it with the columns ``ref_chosen_logps`` / ``ref_rejected_logps`` (summed over
-    each completion's tokens), or ``None`` for TRL to compute them (on alignops' head). The hook
+    each completion's tokens), or ``None`` for TRL to compute them (on alignops' head);
+    :func:`cache_reference` makes one from an :mod:`alignops.cache` reference cache. The hook
     stays until :func:`disable` (a later ``enable()`` without it keeps it).
     """
     import trl.trainer.utils as trl_utils
@@ -238,15 +353,9 @@ def enable(*, dpo_reference=None) -> Switch:
         _hook_dpo_reference(dpo_reference)
     try:
         import trl.trainer.distillation_trainer as dist
-    except ImportError:  # a TRL without the DistillationTrainer: nothing to refuse
+    except ImportError:  # a TRL without the DistillationTrainer
         return Switch()
-    _set(dist, "ChunkedDivergenceFunction", _Refused(_UNSUPPORTED_DISTILLATION))
-
-    def refusing_init(self, *args, **kwargs):
-        raise NotImplementedError(_UNSUPPORTED_DISTILLATION)
-
-    if "__init__" in vars(dist.DistillationTrainer):
-        _set(dist.DistillationTrainer, "__init__", refusing_init)
+    _set(dist, "ChunkedDivergenceFunction", AlignopsDivergenceFunction)
     return Switch()
 
 
@@ -264,39 +373,58 @@ def is_enabled() -> bool:
     return trl_utils._ChunkedLogProbFunction is AlignopsLogProbFunction
 
 
+def _trl_heads() -> list:
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    heads = [ChunkedLogProbFunction]
+    try:
+        from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+    except ImportError:  # a TRL without the divergence head
+        return heads
+    return heads + [ChunkedDivergenceFunction]
+
+
 @contextlib.contextmanager
 def count_head_calls():
-    """Count the forward calls of alignops' head and of TRL's ``ChunkedLogProbFunction``::
+    """Count the forward calls of alignops' heads and of TRL's (``ChunkedLogProbFunction``,
+    ``ChunkedDivergenceFunction``)::
 
     with count_head_calls() as calls:
         trainer.train()
     assert calls.trl == 0 and calls.alignops > 0
     """
-    from trl.kernels.chunked_logprob import ChunkedLogProbFunction as trl_head
-
     calls = HeadCalls()
-    original = vars(trl_head)["forward"]
-    forward = original.__func__ if isinstance(original, staticmethod) else original
+    originals = [(head, vars(head)["forward"]) for head in _trl_heads()]
 
-    def counting_forward(*args, **kwargs):
-        calls.trl += 1
-        return forward(*args, **kwargs)
+    def counting(original):
+        forward = original.__func__ if isinstance(original, staticmethod) else original
 
-    trl_head.forward = staticmethod(counting_forward)
+        def counting_forward(*args, **kwargs):
+            calls.trl += 1
+            return forward(*args, **kwargs)
+
+        return staticmethod(counting_forward)
+
+    for head, original in originals:
+        head.forward = counting(original)
     _counters.append(calls)
     try:
         yield calls
     finally:
         _counters.remove(calls)
-        trl_head.forward = original
+        for head, original in originals:
+            head.forward = original
 
 
 __all__ = [
     "OUTPUTS",
+    "AlignopsDivergenceFunction",
     "AlignopsLogProbFunction",
     "HeadCalls",
+    "cache_reference",
     "count_head_calls",
     "disable",
+    "divergence_head",
     "enable",
     "fused_head",
     "is_enabled",

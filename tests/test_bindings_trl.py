@@ -174,21 +174,11 @@ def test_zero3_is_refused(monkeypatch):
 
 def test_refusals_name_the_reason():
     with binding.enable():
-        from trl.trainer import distillation_trainer
-
-        with pytest.raises(NotImplementedError, match="DistillationTrainer is not yet supported"):
-            distillation_trainer.DistillationTrainer(model=None)
-        with pytest.raises(NotImplementedError, match="ChunkedDivergenceFunction"):
-            distillation_trainer.ChunkedDivergenceFunction.apply()
         hid, w, y = torch.randn(3, 4), torch.randn(9, 4), torch.randint(0, 9, (3,))
         with pytest.raises(ValueError, match="logit scale 0.0"):
             binding.fused_head(hid, w, None, y, 1.0, 8, None, 0.0, ("log_probs",))
         with pytest.raises(ValueError, match="unknown output"):
             binding.fused_head(hid, w, None, y, 1.0, 8, None, 1.0, ("log_probs", "logits"))
-    from trl.trainer import distillation_trainer
-
-    assert distillation_trainer.ChunkedDivergenceFunction.__name__ == "ChunkedDivergenceFunction"
-    assert "__init__" in vars(distillation_trainer.DistillationTrainer)
 
 
 @pytest.mark.parametrize("kind", ["dpo", "kto", "grpo", "rloo", "sft", "sft-packed"])

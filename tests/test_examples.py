@@ -46,6 +46,9 @@ def _seq_logps_from_logits(model, ids, labels):
 
 def test_dpo_plain_pytorch_matches_the_logits_path():
     mod = _load("dpo_plain_pytorch")
+    looked_up = []  # the reference values the example read from its cache
+    lookup = mod.reference_logps
+    mod.reference_logps = lambda *a, **k: looked_up.append(lookup(*a, **k)) or looked_up[-1]
     got = mod.main(steps=3)
     # the same loop with the model's own logits and DPO written out: -log sigmoid(beta * margin)
     torch.manual_seed(0)
@@ -55,6 +58,9 @@ def test_dpo_plain_pytorch_matches_the_logits_path():
     with torch.no_grad():
         r = _seq_logps_from_logits(ref, ids, labels)
     p = ids.shape[0] // 2
+    assert len(looked_up) == 1  # one lookup in a cache precomputed by the example
+    cached = torch.cat([looked_up[0]["ref_chosen_logps"], looked_up[0]["ref_rejected_logps"]])
+    assert_close("cached reference log-probs", r, cached, atol=2e-4, rtol=1e-5)
     opt = torch.optim.SGD(policy.parameters(), lr=0.05)
     want = []
     for _ in range(3):
