@@ -46,7 +46,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import full_head, head_logprobs, is_dtensor
+import alignops
+
+from ._common import autocast_off, compute_dtype, full_head, head_logprobs, is_dtensor, to_compute
 
 #: The per-token fields of TRL's ``FusedCausalLMOutput`` the head computes, in its return order.
 OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
