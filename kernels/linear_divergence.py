@@ -95,6 +95,7 @@ from .linear_divergence_host import (
     _kl_mode,
     _logits_args,
     _saved_args,
+    _tile_args,
     bwd_config,
     fwd_config,
     kind_code,
@@ -261,11 +262,7 @@ def linear_divergence_bwd(
             stride_db=vc,
             param=param,
             KIND=kind,
-            BN=cfg.BN,
-            BV=cfg.BV,
-            BD=cfg.BD,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+            **_tile_args(cfg),
         )
         _contract(ws_p[:, :cnt], hp_dot, w_p, v0, cnt, dot_p, dw_p, db_p, dbp_p, dhp_acc)
         if want_q:
@@ -361,11 +358,7 @@ def logits_divergence_bwd(
         stride_db=0,
         param=param,
         KIND=kind,
-        BN=cfg.BN,
-        BV=cfg.BV,
-        BD=cfg.BD,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **_tile_args(cfg),
     )
     return d_p, d_q
 

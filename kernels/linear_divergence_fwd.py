@@ -263,6 +263,24 @@ def _div_grad_terms(b_lp, b_lq, param, KIND: tl.constexpr):
     return b_gp, b_gq
 
 
+@triton.jit
+def _split_block(p_valid, N, V, blocks_per_split, BN: tl.constexpr, BV: tl.constexpr):
+    """The rows and vocabulary range of program (token block, vocab split): ``(o_n, m_n, m_valid)``
+    [BN] (int64 rows, in range, in range and valid), ``v_lo``, ``v_hi`` (the split's columns) and
+    ``v_stop`` (``v_lo`` when every row is invalid: no vocab block at all)."""
+    # program ids multiply row lengths (N * V, V * H can pass 2**31): int64 from here on
+    i_n = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(1).to(tl.int64)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    m_valid = m_n & (tl.load(p_valid + o_n, mask=m_n, other=0) != 0)
+    any_valid = tl.sum(m_valid.to(tl.int32)) > 0
+    v_lo = i_s * blocks_per_split * BV
+    v_hi = tl.minimum(v_lo + blocks_per_split * BV, V)
+    v_stop = tl.where(any_valid, v_hi, v_lo)
+    return o_n, m_n, m_valid, v_lo, v_hi, v_stop
+
+
 @flags_from_none(HAS_BIAS_P="p_bp", HAS_BIAS_Q="p_bq", HAS_SOFTCAP_P="softcap_p", HAS_SOFTCAP_Q="softcap_q")
 @triton.jit(do_not_specialize=["N", "blocks_per_split"])
 def _linear_divergence_stats_kernel(
@@ -314,17 +332,9 @@ def _linear_divergence_stats_kernel(
     (KL(q||p)), 2 weighted by ``p`` (KL(p||q)). ``ZERO_SIDE``: 1 (2) flags rows where ``p`` (``q``)
     has a zero probability where the other head has mass (an infinite divergence), 0 none."""
     # program ids multiply row lengths (N * V, V * H can pass 2**31): int64 from here on
-    i_n = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
     n_splits = tl.num_programs(1).to(tl.int64)
-    o_n = i_n * BN + tl.arange(0, BN)
-    m_n = o_n < N
-    m_valid = m_n & (tl.load(p_valid + o_n, mask=m_n, other=0) != 0)
-    any_valid = tl.sum(m_valid.to(tl.int32)) > 0
-
-    v_lo = i_s * blocks_per_split * BV
-    v_hi = tl.minimum(v_lo + blocks_per_split * BV, V)
-    v_stop = tl.where(any_valid, v_hi, v_lo)  # all rows invalid: no vocab block at all
+    o_n, m_n, m_valid, v_lo, v_hi, v_stop = _split_block(p_valid, N, V, blocks_per_split, BN, BV)
 
     zero = tl.zeros([BN], dtype=tl.float32)
     acc_p = (zero + NEG_BIG, zero, zero, zero)  # (m, s, t, s2) of p
@@ -523,18 +533,10 @@ def _linear_divergence_sum_kernel(
     the split's row sums of ``phi`` (``GRAD_P`` false: the divergence) or of ``p dphi/dp``
     (``GRAD_P``: the backward's ``c_p``) into ``p_out`` [splits, N] fp32; 0 at invalid rows."""
     # program ids multiply row lengths (N * V, V * H can pass 2**31): int64 from here on
-    i_n = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
-    o_n = i_n * BN + tl.arange(0, BN)
-    m_n = o_n < N
-    m_valid = m_n & (tl.load(p_valid + o_n, mask=m_n, other=0) != 0)
-    any_valid = tl.sum(m_valid.to(tl.int32)) > 0
+    o_n, m_n, m_valid, v_lo, v_hi, v_stop = _split_block(p_valid, N, V, blocks_per_split, BN, BV)
     b_lsep = tl.load(p_lsep + o_n, mask=m_valid, other=0.0)
     b_lseq = tl.load(p_lseq + o_n, mask=m_valid, other=0.0)
-
-    v_lo = i_s * blocks_per_split * BV
-    v_hi = tl.minimum(v_lo + blocks_per_split * BV, V)
-    v_stop = tl.where(any_valid, v_hi, v_lo)
 
     b_acc = tl.zeros([BN], dtype=tl.float32)
     src_p = (p_hp, p_wp, p_bp, HP, stride_hpn, stride_wpv, HP)

@@ -220,6 +220,11 @@ def _logits_args(logits_p, logits_q, valid, opts_p: LogitOptions, opts_q: LogitO
     return args
 
 
+def _tile_args(cfg: FwdConfig | BwdConfig) -> dict:
+    """The block sizes and launch options every kernel of the family takes from ``cfg``."""
+    return dict(BN=cfg.BN, BV=cfg.BV, BD=cfg.BD, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def _row_sums(
     heads: dict, n: int, v: int, cfg: FwdConfig, splits: int, lse_p, lse_q, kind, param, grad_p, out
 ):
@@ -242,11 +247,7 @@ def _row_sums(
         param=param,
         KIND=kind,
         GRAD_P=grad_p,
-        BN=cfg.BN,
-        BV=cfg.BV,
-        BD=cfg.BD,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **_tile_args(cfg),
     )
     torch.sum(part, dim=0, out=out)
 
@@ -274,11 +275,7 @@ def _forward(heads: dict, n: int, v: int, kind: int, param: float, cfg: FwdConfi
         NEED_ENT=want_entropy,
         KL_MODE=kl_mode,
         ZERO_SIDE=zero_side,
-        BN=cfg.BN,
-        BV=cfg.BV,
-        BD=cfg.BD,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **_tile_args(cfg),
     )
     _launch.launch(
         _linear_divergence_combine_kernel,
