@@ -52,55 +52,27 @@ def _two_tiles(
     tf_q,
     rows,
     cols,
-    HAS_BIAS_P: tl.constexpr,
-    HAS_SOFTCAP_P: tl.constexpr,
-    CAST_HP: tl.constexpr,
-    CAST_WP: tl.constexpr,
-    INTERP_BF16_P: tl.constexpr,
-    INPUT_PRECISION_P: tl.constexpr,
-    HAS_BIAS_Q: tl.constexpr,
-    HAS_SOFTCAP_Q: tl.constexpr,
-    CAST_HQ: tl.constexpr,
-    CAST_WQ: tl.constexpr,
-    INTERP_BF16_Q: tl.constexpr,
-    INPUT_PRECISION_Q: tl.constexpr,
+    FLAGS_P,
+    FLAGS_Q,
     BD: tl.constexpr,
     FROM_LOGITS: tl.constexpr,
 ):
     """Transformed logits of both heads, ``(z_p, th_p, z_q, th_q)`` each ``[BN, BV]`` fp32
     (``kernels/linear_logprobs_fwd.py::_logits_tile`` once per head, each with its own flags).
     ``FROM_LOGITS``: the raw logits are read from ``src[0]`` ``[N, V]`` (row stride ``src[4]``)
-    instead of computed."""
+    instead of computed. ``FLAGS_*``: one head's ``(HAS_BIAS, HAS_SOFTCAP, CAST_H, CAST_W,
+    INTERP_BF16, INPUT_PRECISION)`` constexprs."""
     if FROM_LOGITS:
-        b_zp, b_thp = _read_tile(src_p, tf_p, rows, cols, HAS_SOFTCAP_P)
-        b_zq, b_thq = _read_tile(src_q, tf_q, rows, cols, HAS_SOFTCAP_Q)
+        b_zp, b_thp = _read_tile(src_p, tf_p, rows, cols, FLAGS_P[1])
+        b_zq, b_thq = _read_tile(src_q, tf_q, rows, cols, FLAGS_Q[1])
     else:
-        b_zp, b_thp, b_zq, b_thq = _matmul_tiles(
-            src_p,
-            tf_p,
-            src_q,
-            tf_q,
-            rows,
-            cols,
-            HAS_BIAS_P,
-            HAS_SOFTCAP_P,
-            CAST_HP,
-            CAST_WP,
-            INTERP_BF16_P,
-            INPUT_PRECISION_P,
-            HAS_BIAS_Q,
-            HAS_SOFTCAP_Q,
-            CAST_HQ,
-            CAST_WQ,
-            INTERP_BF16_Q,
-            INPUT_PRECISION_Q,
-            BD,
-        )
+        b_zp, b_thp = _head_tile(src_p, tf_p, rows, cols, FLAGS_P, BD)
+        b_zq, b_thq = _head_tile(src_q, tf_q, rows, cols, FLAGS_Q, BD)
     # -inf logits floored (module docstring of kernels/linear_divergence.py); a soft-capped
     # logit is finite anyway
-    if not HAS_SOFTCAP_P:
+    if not FLAGS_P[1]:
         b_zp = tl.maximum(b_zp, FLOOR)
-    if not HAS_SOFTCAP_Q:
+    if not FLAGS_Q[1]:
         b_zq = tl.maximum(b_zq, FLOOR)
     return b_zp, b_thp, b_zq, b_thq
 
@@ -117,54 +89,9 @@ def _read_tile(src, tf, rows, cols, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _matmul_tiles(
-    src_p,
-    tf_p,
-    src_q,
-    tf_q,
-    rows,
-    cols,
-    HAS_BIAS_P: tl.constexpr,
-    HAS_SOFTCAP_P: tl.constexpr,
-    CAST_HP: tl.constexpr,
-    CAST_WP: tl.constexpr,
-    INTERP_BF16_P: tl.constexpr,
-    INPUT_PRECISION_P: tl.constexpr,
-    HAS_BIAS_Q: tl.constexpr,
-    HAS_SOFTCAP_Q: tl.constexpr,
-    CAST_HQ: tl.constexpr,
-    CAST_WQ: tl.constexpr,
-    INTERP_BF16_Q: tl.constexpr,
-    INPUT_PRECISION_Q: tl.constexpr,
-    BD: tl.constexpr,
-):
-    b_zp, b_thp = _logits_tile(
-        src_p,
-        tf_p,
-        rows,
-        cols,
-        HAS_BIAS_P,
-        HAS_SOFTCAP_P,
-        CAST_HP,
-        CAST_WP,
-        INTERP_BF16_P,
-        INPUT_PRECISION_P,
-        BD,
-    )
-    b_zq, b_thq = _logits_tile(
-        src_q,
-        tf_q,
-        rows,
-        cols,
-        HAS_BIAS_Q,
-        HAS_SOFTCAP_Q,
-        CAST_HQ,
-        CAST_WQ,
-        INTERP_BF16_Q,
-        INPUT_PRECISION_Q,
-        BD,
-    )
-    return b_zp, b_thp, b_zq, b_thq
+def _head_tile(src, tf, rows, cols, FLAGS, BD: tl.constexpr):
+    """One head's transformed logits tile (``_logits_tile`` with the head's ``FLAGS`` tuple)."""
+    return _logits_tile(src, tf, rows, cols, FLAGS[0], FLAGS[1], FLAGS[2], FLAGS[3], FLAGS[4], FLAGS[5], BD)
 
 
 @triton.jit
@@ -357,18 +284,8 @@ def _linear_divergence_stats_kernel(
             tf_q,
             rows,
             (o_v, m_v),
-            HAS_BIAS_P,
-            HAS_SOFTCAP_P,
-            CAST_HP,
-            CAST_WP,
-            INTERP_BF16_P,
-            INPUT_PRECISION_P,
-            HAS_BIAS_Q,
-            HAS_SOFTCAP_Q,
-            CAST_HQ,
-            CAST_WQ,
-            INTERP_BF16_Q,
-            INPUT_PRECISION_Q,
+            (HAS_BIAS_P, HAS_SOFTCAP_P, CAST_HP, CAST_WP, INTERP_BF16_P, INPUT_PRECISION_P),
+            (HAS_BIAS_Q, HAS_SOFTCAP_Q, CAST_HQ, CAST_WQ, INTERP_BF16_Q, INPUT_PRECISION_Q),
             BD,
             FROM_LOGITS,
         )
@@ -554,18 +471,8 @@ def _linear_divergence_sum_kernel(
             tf_q,
             rows,
             (o_v, m_v),
-            HAS_BIAS_P,
-            HAS_SOFTCAP_P,
-            CAST_HP,
-            CAST_WP,
-            INTERP_BF16_P,
-            INPUT_PRECISION_P,
-            HAS_BIAS_Q,
-            HAS_SOFTCAP_Q,
-            CAST_HQ,
-            CAST_WQ,
-            INTERP_BF16_Q,
-            INPUT_PRECISION_Q,
+            (HAS_BIAS_P, HAS_SOFTCAP_P, CAST_HP, CAST_WP, INTERP_BF16_P, INPUT_PRECISION_P),
+            (HAS_BIAS_Q, HAS_SOFTCAP_Q, CAST_HQ, CAST_WQ, INTERP_BF16_Q, INPUT_PRECISION_Q),
             BD,
             FROM_LOGITS,
         )
