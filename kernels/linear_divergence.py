@@ -90,6 +90,7 @@ from .linear_divergence_host import (
     _check_logits,
     _contract,
     _forward,
+    _fwd_outputs,
     _grad_coefficients,
     _head_args,
     _kl_mode,
@@ -140,12 +141,7 @@ def linear_divergence_fwd(
     unused. ``config`` overrides the heuristic (benchmarks, tests)."""
     n, v, dot_p, dot_q = _check(h_p, w_p, b_p, h_q, w_q, b_q, valid)
     kind, param = kind_code(div)
-    dev = h_p.device
-
-    def vec_out(need=True):
-        return empty((n,), dtype=torch.float32, device=dev) if need else None
-
-    out = DivStats(vec_out(), vec_out(), vec_out(), vec_out(want_entropy))
+    out = _fwd_outputs(n, want_entropy, h_p.device)
     if n == 0:
         return out
     cfg = config or fwd_config(n, dot_p, dot_q)
@@ -290,12 +286,7 @@ def logits_divergence_fwd(
     of computed, no ``[N, V]`` temporary."""
     n, v = _check_logits(logits_p, logits_q, valid)
     kind, param = kind_code(div)
-    dev = logits_p.device
-
-    def vec_out(need=True):
-        return empty((n,), dtype=torch.float32, device=dev) if need else None
-
-    out = DivStats(vec_out(), vec_out(), vec_out(), vec_out(want_entropy))
+    out = _fwd_outputs(n, want_entropy, logits_p.device)
     if n == 0:
         return out
     cfg = config or logits_config()
