@@ -90,11 +90,13 @@ from .linear_divergence_host import (
     _check_logits,
     _contract,
     _forward,
+    _fwd_outputs,
     _grad_coefficients,
     _head_args,
     _kl_mode,
     _logits_args,
     _saved_args,
+    _tile_args,
     bwd_config,
     fwd_config,
     kind_code,
@@ -139,12 +141,7 @@ def linear_divergence_fwd(
     unused. ``config`` overrides the heuristic (benchmarks, tests)."""
     n, v, dot_p, dot_q = _check(h_p, w_p, b_p, h_q, w_q, b_q, valid)
     kind, param = kind_code(div)
-    dev = h_p.device
-
-    def vec_out(need=True):
-        return empty((n,), dtype=torch.float32, device=dev) if need else None
-
-    out = DivStats(vec_out(), vec_out(), vec_out(), vec_out(want_entropy))
+    out = _fwd_outputs(n, want_entropy, h_p.device)
     if n == 0:
         return out
     cfg = config or fwd_config(n, dot_p, dot_q)
@@ -261,11 +258,7 @@ def linear_divergence_bwd(
             stride_db=vc,
             param=param,
             KIND=kind,
-            BN=cfg.BN,
-            BV=cfg.BV,
-            BD=cfg.BD,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+            **_tile_args(cfg),
         )
         _contract(ws_p[:, :cnt], hp_dot, w_p, v0, cnt, dot_p, dw_p, db_p, dbp_p, dhp_acc)
         if want_q:
@@ -293,12 +286,7 @@ def logits_divergence_fwd(
     of computed, no ``[N, V]`` temporary."""
     n, v = _check_logits(logits_p, logits_q, valid)
     kind, param = kind_code(div)
-    dev = logits_p.device
-
-    def vec_out(need=True):
-        return empty((n,), dtype=torch.float32, device=dev) if need else None
-
-    out = DivStats(vec_out(), vec_out(), vec_out(), vec_out(want_entropy))
+    out = _fwd_outputs(n, want_entropy, logits_p.device)
     if n == 0:
         return out
     cfg = config or logits_config()
@@ -361,11 +349,7 @@ def logits_divergence_bwd(
         stride_db=0,
         param=param,
         KIND=kind,
-        BN=cfg.BN,
-        BV=cfg.BV,
-        BD=cfg.BD,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **_tile_args(cfg),
     )
     return d_p, d_q
 

@@ -52,55 +52,27 @@ def _two_tiles(
     tf_q,
     rows,
     cols,
-    HAS_BIAS_P: tl.constexpr,
-    HAS_SOFTCAP_P: tl.constexpr,
-    CAST_HP: tl.constexpr,
-    CAST_WP: tl.constexpr,
-    INTERP_BF16_P: tl.constexpr,
-    INPUT_PRECISION_P: tl.constexpr,
-    HAS_BIAS_Q: tl.constexpr,
-    HAS_SOFTCAP_Q: tl.constexpr,
-    CAST_HQ: tl.constexpr,
-    CAST_WQ: tl.constexpr,
-    INTERP_BF16_Q: tl.constexpr,
-    INPUT_PRECISION_Q: tl.constexpr,
+    FLAGS_P,
+    FLAGS_Q,
     BD: tl.constexpr,
     FROM_LOGITS: tl.constexpr,
 ):
     """Transformed logits of both heads, ``(z_p, th_p, z_q, th_q)`` each ``[BN, BV]`` fp32
     (``kernels/linear_logprobs_fwd.py::_logits_tile`` once per head, each with its own flags).
     ``FROM_LOGITS``: the raw logits are read from ``src[0]`` ``[N, V]`` (row stride ``src[4]``)
-    instead of computed."""
+    instead of computed. ``FLAGS_*``: one head's ``(HAS_BIAS, HAS_SOFTCAP, CAST_H, CAST_W,
+    INTERP_BF16, INPUT_PRECISION)`` constexprs."""
     if FROM_LOGITS:
-        b_zp, b_thp = _read_tile(src_p, tf_p, rows, cols, HAS_SOFTCAP_P)
-        b_zq, b_thq = _read_tile(src_q, tf_q, rows, cols, HAS_SOFTCAP_Q)
+        b_zp, b_thp = _read_tile(src_p, tf_p, rows, cols, FLAGS_P[1])
+        b_zq, b_thq = _read_tile(src_q, tf_q, rows, cols, FLAGS_Q[1])
     else:
-        b_zp, b_thp, b_zq, b_thq = _matmul_tiles(
-            src_p,
-            tf_p,
-            src_q,
-            tf_q,
-            rows,
-            cols,
-            HAS_BIAS_P,
-            HAS_SOFTCAP_P,
-            CAST_HP,
-            CAST_WP,
-            INTERP_BF16_P,
-            INPUT_PRECISION_P,
-            HAS_BIAS_Q,
-            HAS_SOFTCAP_Q,
-            CAST_HQ,
-            CAST_WQ,
-            INTERP_BF16_Q,
-            INPUT_PRECISION_Q,
-            BD,
-        )
+        b_zp, b_thp = _head_tile(src_p, tf_p, rows, cols, FLAGS_P, BD)
+        b_zq, b_thq = _head_tile(src_q, tf_q, rows, cols, FLAGS_Q, BD)
     # -inf logits floored (module docstring of kernels/linear_divergence.py); a soft-capped
     # logit is finite anyway
-    if not HAS_SOFTCAP_P:
+    if not FLAGS_P[1]:
         b_zp = tl.maximum(b_zp, FLOOR)
-    if not HAS_SOFTCAP_Q:
+    if not FLAGS_Q[1]:
         b_zq = tl.maximum(b_zq, FLOOR)
     return b_zp, b_thp, b_zq, b_thq
 
@@ -117,54 +89,9 @@ def _read_tile(src, tf, rows, cols, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _matmul_tiles(
-    src_p,
-    tf_p,
-    src_q,
-    tf_q,
-    rows,
-    cols,
-    HAS_BIAS_P: tl.constexpr,
-    HAS_SOFTCAP_P: tl.constexpr,
-    CAST_HP: tl.constexpr,
-    CAST_WP: tl.constexpr,
-    INTERP_BF16_P: tl.constexpr,
-    INPUT_PRECISION_P: tl.constexpr,
-    HAS_BIAS_Q: tl.constexpr,
-    HAS_SOFTCAP_Q: tl.constexpr,
-    CAST_HQ: tl.constexpr,
-    CAST_WQ: tl.constexpr,
-    INTERP_BF16_Q: tl.constexpr,
-    INPUT_PRECISION_Q: tl.constexpr,
-    BD: tl.constexpr,
-):
-    b_zp, b_thp = _logits_tile(
-        src_p,
-        tf_p,
-        rows,
-        cols,
-        HAS_BIAS_P,
-        HAS_SOFTCAP_P,
-        CAST_HP,
-        CAST_WP,
-        INTERP_BF16_P,
-        INPUT_PRECISION_P,
-        BD,
-    )
-    b_zq, b_thq = _logits_tile(
-        src_q,
-        tf_q,
-        rows,
-        cols,
-        HAS_BIAS_Q,
-        HAS_SOFTCAP_Q,
-        CAST_HQ,
-        CAST_WQ,
-        INTERP_BF16_Q,
-        INPUT_PRECISION_Q,
-        BD,
-    )
-    return b_zp, b_thp, b_zq, b_thq
+def _head_tile(src, tf, rows, cols, FLAGS, BD: tl.constexpr):
+    """One head's transformed logits tile (``_logits_tile`` with the head's ``FLAGS`` tuple)."""
+    return _logits_tile(src, tf, rows, cols, FLAGS[0], FLAGS[1], FLAGS[2], FLAGS[3], FLAGS[4], FLAGS[5], BD)
 
 
 @triton.jit
@@ -263,6 +190,24 @@ def _div_grad_terms(b_lp, b_lq, param, KIND: tl.constexpr):
     return b_gp, b_gq
 
 
+@triton.jit
+def _split_block(p_valid, N, V, blocks_per_split, BN: tl.constexpr, BV: tl.constexpr):
+    """The rows and vocabulary range of program (token block, vocab split): ``(o_n, m_n, m_valid)``
+    [BN] (int64 rows, in range, in range and valid), ``v_lo``, ``v_hi`` (the split's columns) and
+    ``v_stop`` (``v_lo`` when every row is invalid: no vocab block at all)."""
+    # program ids multiply row lengths (N * V, V * H can pass 2**31): int64 from here on
+    i_n = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(1).to(tl.int64)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    m_valid = m_n & (tl.load(p_valid + o_n, mask=m_n, other=0) != 0)
+    any_valid = tl.sum(m_valid.to(tl.int32)) > 0
+    v_lo = i_s * blocks_per_split * BV
+    v_hi = tl.minimum(v_lo + blocks_per_split * BV, V)
+    v_stop = tl.where(any_valid, v_hi, v_lo)
+    return o_n, m_n, m_valid, v_lo, v_hi, v_stop
+
+
 @flags_from_none(HAS_BIAS_P="p_bp", HAS_BIAS_Q="p_bq", HAS_SOFTCAP_P="softcap_p", HAS_SOFTCAP_Q="softcap_q")
 @triton.jit(do_not_specialize=["N", "blocks_per_split"])
 def _linear_divergence_stats_kernel(
@@ -314,17 +259,9 @@ def _linear_divergence_stats_kernel(
     (KL(q||p)), 2 weighted by ``p`` (KL(p||q)). ``ZERO_SIDE``: 1 (2) flags rows where ``p`` (``q``)
     has a zero probability where the other head has mass (an infinite divergence), 0 none."""
     # program ids multiply row lengths (N * V, V * H can pass 2**31): int64 from here on
-    i_n = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
     n_splits = tl.num_programs(1).to(tl.int64)
-    o_n = i_n * BN + tl.arange(0, BN)
-    m_n = o_n < N
-    m_valid = m_n & (tl.load(p_valid + o_n, mask=m_n, other=0) != 0)
-    any_valid = tl.sum(m_valid.to(tl.int32)) > 0
-
-    v_lo = i_s * blocks_per_split * BV
-    v_hi = tl.minimum(v_lo + blocks_per_split * BV, V)
-    v_stop = tl.where(any_valid, v_hi, v_lo)  # all rows invalid: no vocab block at all
+    o_n, m_n, m_valid, v_lo, v_hi, v_stop = _split_block(p_valid, N, V, blocks_per_split, BN, BV)
 
     zero = tl.zeros([BN], dtype=tl.float32)
     acc_p = (zero + NEG_BIG, zero, zero, zero)  # (m, s, t, s2) of p
@@ -347,18 +284,8 @@ def _linear_divergence_stats_kernel(
             tf_q,
             rows,
             (o_v, m_v),
-            HAS_BIAS_P,
-            HAS_SOFTCAP_P,
-            CAST_HP,
-            CAST_WP,
-            INTERP_BF16_P,
-            INPUT_PRECISION_P,
-            HAS_BIAS_Q,
-            HAS_SOFTCAP_Q,
-            CAST_HQ,
-            CAST_WQ,
-            INTERP_BF16_Q,
-            INPUT_PRECISION_Q,
+            (HAS_BIAS_P, HAS_SOFTCAP_P, CAST_HP, CAST_WP, INTERP_BF16_P, INPUT_PRECISION_P),
+            (HAS_BIAS_Q, HAS_SOFTCAP_Q, CAST_HQ, CAST_WQ, INTERP_BF16_Q, INPUT_PRECISION_Q),
             BD,
             FROM_LOGITS,
         )
@@ -523,18 +450,10 @@ def _linear_divergence_sum_kernel(
     the split's row sums of ``phi`` (``GRAD_P`` false: the divergence) or of ``p dphi/dp``
     (``GRAD_P``: the backward's ``c_p``) into ``p_out`` [splits, N] fp32; 0 at invalid rows."""
     # program ids multiply row lengths (N * V, V * H can pass 2**31): int64 from here on
-    i_n = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
-    o_n = i_n * BN + tl.arange(0, BN)
-    m_n = o_n < N
-    m_valid = m_n & (tl.load(p_valid + o_n, mask=m_n, other=0) != 0)
-    any_valid = tl.sum(m_valid.to(tl.int32)) > 0
+    o_n, m_n, m_valid, v_lo, v_hi, v_stop = _split_block(p_valid, N, V, blocks_per_split, BN, BV)
     b_lsep = tl.load(p_lsep + o_n, mask=m_valid, other=0.0)
     b_lseq = tl.load(p_lseq + o_n, mask=m_valid, other=0.0)
-
-    v_lo = i_s * blocks_per_split * BV
-    v_hi = tl.minimum(v_lo + blocks_per_split * BV, V)
-    v_stop = tl.where(any_valid, v_hi, v_lo)
 
     b_acc = tl.zeros([BN], dtype=tl.float32)
     src_p = (p_hp, p_wp, p_bp, HP, stride_hpn, stride_wpv, HP)
@@ -552,18 +471,8 @@ def _linear_divergence_sum_kernel(
             tf_q,
             rows,
             (o_v, m_v),
-            HAS_BIAS_P,
-            HAS_SOFTCAP_P,
-            CAST_HP,
-            CAST_WP,
-            INTERP_BF16_P,
-            INPUT_PRECISION_P,
-            HAS_BIAS_Q,
-            HAS_SOFTCAP_Q,
-            CAST_HQ,
-            CAST_WQ,
-            INTERP_BF16_Q,
-            INPUT_PRECISION_Q,
+            (HAS_BIAS_P, HAS_SOFTCAP_P, CAST_HP, CAST_WP, INTERP_BF16_P, INPUT_PRECISION_P),
+            (HAS_BIAS_Q, HAS_SOFTCAP_Q, CAST_HQ, CAST_WQ, INTERP_BF16_Q, INPUT_PRECISION_Q),
             BD,
             FROM_LOGITS,
         )

@@ -55,20 +55,22 @@ def kind_code(div: DivergenceOptions) -> tuple[int, float]:
     if k == "reverse_kl":
         return RKL.value, 0.0
     if k == "jsd":
-        if div.beta == 0.0:
-            return FKL.value, 0.0
-        if div.beta == 1.0:
-            return RKL.value, 0.0
-        return JSD.value, div.beta
+        return _mixture_code(JSD.value, div.beta)
     if k == "tv":
         return TV.value, 0.0
     if k == "alpha":
-        if div.alpha == 0.0:
-            return FKL.value, 0.0
-        if div.alpha == 1.0:
-            return RKL.value, 0.0
-        return ALPHA.value, div.alpha
+        return _mixture_code(ALPHA.value, div.alpha)
     return _GENERATORS[div.generator]
+
+
+def _mixture_code(kind: int, param: float) -> tuple[int, float]:
+    """``(KIND, param)`` of a family whose parameter 0 / 1 is KL(q||p) / KL(p||q) (JSD's beta,
+    the alpha divergence's alpha)."""
+    if param == 0.0:
+        return FKL.value, 0.0
+    if param == 1.0:
+        return RKL.value, 0.0
+    return kind, param
 
 
 def _zero_side(kind: int, param: float) -> int:
@@ -220,6 +222,21 @@ def _logits_args(logits_p, logits_q, valid, opts_p: LogitOptions, opts_q: LogitO
     return args
 
 
+def _tile_args(cfg: FwdConfig | BwdConfig) -> dict:
+    """The block sizes and launch options every kernel of the family takes from ``cfg``."""
+    return dict(BN=cfg.BN, BV=cfg.BV, BD=cfg.BD, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _fwd_outputs(n: int, want_entropy: bool, device: torch.device) -> DivStats:
+    """Empty ``DivStats(div, lse_p, lse_q, entropy_p)`` [n] fp32 (``entropy_p`` None unless
+    ``want_entropy``) for the forward launchers."""
+
+    def vec_out(need=True):
+        return empty((n,), dtype=torch.float32, device=device) if need else None
+
+    return DivStats(vec_out(), vec_out(), vec_out(), vec_out(want_entropy))
+
+
 def _row_sums(
     heads: dict, n: int, v: int, cfg: FwdConfig, splits: int, lse_p, lse_q, kind, param, grad_p, out
 ):
@@ -242,11 +259,7 @@ def _row_sums(
         param=param,
         KIND=kind,
         GRAD_P=grad_p,
-        BN=cfg.BN,
-        BV=cfg.BV,
-        BD=cfg.BD,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **_tile_args(cfg),
     )
     torch.sum(part, dim=0, out=out)
 
@@ -274,11 +287,7 @@ def _forward(heads: dict, n: int, v: int, kind: int, param: float, cfg: FwdConfi
         NEED_ENT=want_entropy,
         KL_MODE=kl_mode,
         ZERO_SIDE=zero_side,
-        BN=cfg.BN,
-        BV=cfg.BV,
-        BD=cfg.BD,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **_tile_args(cfg),
     )
     _launch.launch(
         _linear_divergence_combine_kernel,
