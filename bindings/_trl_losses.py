@@ -3,14 +3,17 @@
 The seam is each trainer's ``_compute_loss``: TRL's method still runs the forward passes and logs
 its metrics; the per-token log-probs it computed are captured and the loss it returns is replaced
 by alignops' (:func:`alignops.losses.dpo_loss` for DPOTrainer, :func:`alignops.losses.grpo_loss`
-for GRPOTrainer), so the gradient is alignops'. A configuration whose option alignops' loss lacks
-raises ``NotImplementedError`` naming the option, never a silent fallback to TRL's loss.
+for GRPOTrainer, :func:`alignops.losses.kto_loss` for KTOTrainer), so the gradient is alignops'.
+A configuration whose option alignops' loss lacks raises ``NotImplementedError`` naming the
+option, never a silent fallback to TRL's loss.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass
@@ -19,6 +22,7 @@ class LossCalls:
 
     dpo: int = 0
     grpo: int = 0
+    kto: int = 0
 
 
 _counters: list[LossCalls] = []
@@ -26,7 +30,8 @@ _counters: list[LossCalls] = []
 
 @contextlib.contextmanager
 def count_loss_calls():
-    """``with count_loss_calls() as calls: trainer.train()``; then ``calls.dpo`` / ``calls.grpo``."""
+    """``with count_loss_calls() as calls: trainer.train()``; then ``calls.dpo`` / ``calls.grpo`` /
+    ``calls.kto``."""
     calls = LossCalls()
     _counters.append(calls)
     try:
@@ -71,14 +76,9 @@ def dpo_compute_loss(original):
         from alignops.sequence import split_pair, wpo_log_weights
 
         _check_dpo(self)
-        captured = []
-
-        def hook(module, args, kwargs, out):
-            if kwargs.get("fused_lm_head"):
-                captured.append(out)
-
+        captured: list = []
         modules = [model] + ([self.ref_model] if self.ref_model not in (None, model) else [])
-        handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules]
+        handles = _capture_fused_forwards(modules, captured)
         try:
             result = original(self, model, inputs, return_outputs)
         finally:
@@ -205,9 +205,70 @@ def grpo_compute_loss(original):
     return _compute_loss
 
 
+# ----------------------------------------------------------------------------------------------
+# KTOTrainer
+# ----------------------------------------------------------------------------------------------
+
+
+def _capture_fused_forwards(modules, captured: list):
+    def hook(module, args, kwargs, out):
+        if kwargs.get("fused_lm_head"):
+            captured.append(out)
+
+    return [m.register_forward_hook(hook, with_kwargs=True) for m in modules]
+
+
+def kto_compute_loss(original):
+    """``KTOTrainer._compute_loss`` returning :func:`alignops.losses.kto_loss` of TRL's log-probs
+    (the reference point z0: the mismatched-pair KL TRL computed and logged, averaged over ranks)."""
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        from alignops.losses import kto_loss
+
+        if self.aux_loss_enabled:
+            _refuse("KTOTrainer", "a MoE router auxiliary loss (output_router_logits)")
+        if self.loss_type not in ("kto", "apo_zero_unpaired"):
+            _refuse("KTOTrainer", f"loss_type={self.loss_type!r}")
+        captured: list = []
+        modules = [model] + ([self.ref_model] if self.ref_model not in (None, model) else [])
+        handles = _capture_fused_forwards(modules, captured)
+        try:
+            result = original(self, model, inputs, return_outputs)
+        finally:
+            for h in handles:
+                h.remove()
+        # TRL's forwards, in order: [policy KL pairs], policy, ([reference KL pairs], reference)
+        kl_calls = 1 if self.calculate_KL else 0
+        seq_len = inputs["input_ids"].size(1) - 1
+        logps = captured[kl_calls].log_probs[:, -seq_len:].sum(-1)
+        if self.precompute_ref_logps:
+            ref = inputs["ref_logps"].to(logps.device)
+        else:
+            ref = captured[-1].log_probs[:, -seq_len:].sum(-1)
+        label = torch.as_tensor(inputs["label"], dtype=torch.bool, device=logps.device)
+        mode = "train" if self.model.training else "eval"
+        kl = self._metrics[mode]["kl"][-1] if self.calculate_KL else 0.0
+        out = kto_loss(
+            logps[label],
+            logps[~label],
+            ref[label],
+            ref[~label],
+            kl=kl,
+            beta=self.beta,
+            desirable_weight=self.desirable_weight,
+            undesirable_weight=self.undesirable_weight,
+            loss_type=self.loss_type,
+        )
+        _count("kto")
+        return _replace_loss(result, out.loss)
+
+    return _compute_loss
+
+
 def patch(set_attr, original_of) -> None:
     """Replace the trainers' ``_compute_loss`` through ``set_attr(owner, name, value)``."""
-    from trl import DPOTrainer, GRPOTrainer
+    from trl import DPOTrainer, GRPOTrainer, KTOTrainer
 
     set_attr(DPOTrainer, "_compute_loss", dpo_compute_loss(original_of(DPOTrainer, "_compute_loss")))
     set_attr(GRPOTrainer, "_compute_loss", grpo_compute_loss(original_of(GRPOTrainer, "_compute_loss")))
+    set_attr(KTOTrainer, "_compute_loss", kto_compute_loss(original_of(KTOTrainer, "_compute_loss")))

@@ -348,8 +348,9 @@ def enable(*, dpo_reference=None, losses: bool = False) -> Switch:
     :func:`cache_reference` makes one from an :mod:`alignops.cache` reference cache. The hook
     stays until :func:`disable` (a later ``enable()`` without it keeps it).
 
-    ``losses=True``: DPOTrainer and GRPOTrainer also compute their loss with alignops' catalog
-    (:func:`alignops.losses.dpo_loss`, :func:`alignops.losses.grpo_loss`) from the per-token
+    ``losses=True``: DPOTrainer, GRPOTrainer and KTOTrainer also compute their loss with alignops'
+    catalog (:func:`alignops.losses.dpo_loss`, :func:`alignops.losses.grpo_loss`,
+    :func:`alignops.losses.kto_loss`) from the per-token
     log-probs TRL computed; an option alignops lacks raises ``NotImplementedError`` at train
     time (:mod:`alignops.bindings._trl_losses`); :func:`count_loss_calls` counts the calls.
     """

@@ -1,7 +1,7 @@
-"""``enable(losses=True)``: DPOTrainer / GRPOTrainer compute their loss with alignops' catalog.
+"""``enable(losses=True)``: DPOTrainer / GRPOTrainer / KTOTrainer compute their loss with alignops' catalog.
 
-A few SGD steps (fp32, tiny Llama) with TRL's loss and with alignops' (``dpo_loss`` / ``grpo_loss``
-on the log-probs TRL computed): the logged per-step losses agree within 1e-5 relative + 1e-6
+A few SGD steps (fp32, tiny Llama) with TRL's loss and with alignops' (``dpo_loss`` / ``grpo_loss`` /
+``kto_loss`` on the log-probs TRL computed): the logged per-step losses agree within 1e-5 relative + 1e-6
 absolute, the logged gradient norms within 1e-5 relative, alignops' loss ran once per
 micro-batch; an option alignops' loss lacks is refused by name.
 """
@@ -43,17 +43,18 @@ def _assert_same_training(want: dict, got: dict) -> None:
     )
 
 
-@pytest.mark.parametrize("kind", ["dpo", "grpo"])
+@pytest.mark.parametrize("kind", ["dpo", "grpo", "kto"])
 def test_default_loss_matches_trl(kind):
-    from trl import DPOTrainer, GRPOTrainer
+    from trl import DPOTrainer, GRPOTrainer, KTOTrainer
 
-    originals = (DPOTrainer._compute_loss, GRPOTrainer._compute_loss)
+    trainers = (DPOTrainer, GRPOTrainer, KTOTrainer)
+    originals = [t._compute_loss for t in trainers]
     want = trainer_run(kind, False)  # TRL's head and TRL's loss
     got, calls = _with_losses(kind)
     _assert_same_training(want, got)
     assert getattr(calls, kind) >= 3 and got["trl_calls"] == 0
     assert not binding.is_enabled()
-    assert (DPOTrainer._compute_loss, GRPOTrainer._compute_loss) == originals  # disable() restored them
+    assert [t._compute_loss for t in trainers] == originals  # disable() restored them
 
 
 @pytest.mark.parametrize(
@@ -73,6 +74,18 @@ def test_dpo_variants_match_trl(config):
     got, calls = _with_losses("dpo", steps=2, **config)
     _assert_same_training(want, got)
     assert calls.dpo == 2
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(loss_type="apo_zero_unpaired"), dict(beta=0.3, desirable_weight=1.3, undesirable_weight=0.7)],
+    ids=["apo_zero_unpaired", "weights"],
+)
+def test_kto_variants_match_trl(config):
+    want = run_trainer("kto", False, steps=2, **config)
+    got, calls = _with_losses("kto", steps=2, **config)
+    _assert_same_training(want, got)
+    assert calls.kto == 2
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "cispo", "sapo"])
