@@ -46,8 +46,10 @@ from dataclasses import dataclass
 
 import torch
 
+import alignops
+
 from . import _trl_losses
-from ._common import full_head, head_logprobs, is_dtensor
+from ._common import autocast_off, compute_dtype, full_head, head_logprobs, is_dtensor, to_compute
 from ._trl_losses import LossCalls, count_loss_calls
 
 #: The per-token fields of TRL's ``FusedCausalLMOutput`` the head computes, in its return order.
