@@ -88,12 +88,48 @@ def test_kto_variants_match_trl(config):
     assert calls.kto == 2
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "cispo", "sapo"])
-def test_grpo_loss_types_match_trl(loss_type):
-    want = run_trainer("grpo", False, steps=2, loss_type=loss_type)
-    got, calls = _with_losses("grpo", steps=2, loss_type=loss_type)
+GRPO_CONFIGS = [
+    dict(loss_type="grpo"),
+    dict(loss_type="bnpo"),
+    dict(loss_type="dr_grpo"),
+    dict(loss_type="cispo"),
+    dict(loss_type="sapo"),
+    dict(loss_type="luspo", importance_sampling_level="sequence"),
+    dict(loss_type="grpo", importance_sampling_level="sequence", delta=1.5),  # GSPO, two-sided clip
+    dict(loss_type="dapo", gradient_accumulation_steps=2),  # num_items over the accumulation window
+    dict(loss_type="grpo", gradient_accumulation_steps=2),
+]
+
+
+@pytest.mark.parametrize(
+    "config", GRPO_CONFIGS, ids=["-".join(f"{k}={v}" for k, v in c.items()) for c in GRPO_CONFIGS]
+)
+def test_grpo_configs_match_trl(config):
+    want = run_trainer("grpo", False, steps=2, **config)
+    got, calls = _with_losses("grpo", steps=2, **config)
     _assert_same_training(want, got)
-    assert calls.grpo >= 2
+    assert calls.grpo >= 2 * config.get("gradient_accumulation_steps", 1)
+
+
+def test_the_loss_trained_on_is_alignops(monkeypatch):
+    """A control: doubling alignops' ``dpo_loss`` doubles the logged loss (TRL's is discarded)."""
+    import alignops.losses as losses
+
+    want = run_trainer("dpo", False, steps=1)
+    dpo_loss = losses.dpo_loss
+
+    def doubled(*args, **kwargs):
+        out = dpo_loss(*args, **kwargs)
+        return (
+            out._replace(loss=2 * out.loss) if hasattr(out, "_replace") else type(out)(2 * out.loss, *out[1:])
+        )
+
+    monkeypatch.setattr(losses, "dpo_loss", doubled)
+    got, calls = _with_losses("dpo", steps=1)
+    assert calls.dpo == 1
+    assert_close(
+        "doubled loss", 2 * torch.tensor(want["losses"]), torch.tensor(got["losses"]), atol=1e-6, rtol=1e-5
+    )
 
 
 def test_options_alignops_lacks_are_refused():
