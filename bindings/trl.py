@@ -48,7 +48,9 @@ import torch
 
 import alignops
 
+from . import _trl_losses
 from ._common import autocast_off, compute_dtype, full_head, head_logprobs, is_dtensor, to_compute
+from ._trl_losses import LossCalls, count_loss_calls
 
 #: The per-token fields of TRL's ``FusedCausalLMOutput`` the head computes, in its return order.
 OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -331,7 +333,7 @@ def cache_reference(cache, *, id_column: str | None = None):
     return lookup
 
 
-def enable(*, dpo_reference=None) -> Switch:
+def enable(*, dpo_reference=None, losses: bool = False) -> Switch:
     """Route every TRL trainer's fused LM head through alignops (idempotent).
 
     Patches ``trl.trainer.utils._ChunkedLogProbFunction`` (the head ``add_fused_lm_head``'s forward
@@ -347,12 +349,20 @@ def enable(*, dpo_reference=None) -> Switch:
     each completion's tokens), or ``None`` for TRL to compute them (on alignops' head);
     :func:`cache_reference` makes one from an :mod:`alignops.cache` reference cache. The hook
     stays until :func:`disable` (a later ``enable()`` without it keeps it).
+
+    ``losses=True``: DPOTrainer, GRPOTrainer and KTOTrainer also compute their loss with alignops'
+    catalog (:func:`alignops.losses.dpo_loss`, :func:`alignops.losses.grpo_loss`,
+    :func:`alignops.losses.kto_loss`) from the per-token
+    log-probs TRL computed; an option alignops lacks raises ``NotImplementedError`` at train
+    time (:mod:`alignops.bindings._trl_losses`); :func:`count_loss_calls` counts the calls.
     """
     import trl.trainer.utils as trl_utils
 
     _set(trl_utils, "_ChunkedLogProbFunction", AlignopsLogProbFunction)
     if dpo_reference is not None:
         _hook_dpo_reference(dpo_reference)
+    if losses:
+        _trl_losses.patch(_set, _original)
     try:
         import trl.trainer.distillation_trainer as dist
     except ImportError:  # a TRL without the DistillationTrainer
@@ -423,8 +433,10 @@ __all__ = [
     "AlignopsDivergenceFunction",
     "AlignopsLogProbFunction",
     "HeadCalls",
+    "LossCalls",
     "cache_reference",
     "count_head_calls",
+    "count_loss_calls",
     "disable",
     "divergence_head",
     "enable",
