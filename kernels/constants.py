@@ -103,7 +103,7 @@ LLP_WORKSPACE_FLOOR_ELEMS = 1 << 26
 # Block-sparse backward products (gradient filtering): each program owns a [BN, BH] tile of the
 # fp32 dh accumulator or a [BV, BH] tile of dW and loops over the live [BN, BV] workspace tiles.
 # 128 hidden columns keep the 16-bit accumulators at 32 / 64 fp32 registers per thread at 8 warps
-# (a [64, 128] / [128, 128] tile, as the review builds of the tile kernels did without spills);
+# (a [64, 128] / [128, 128] tile, tiles that build without spills in the kernel report);
 # fp32 operands (IEEE dots on CUDA cores, or fp16's fp32 workspace) take half the columns.
 LLP_SPARSE_BH = 128
 LLP_SPARSE_BH_FP32 = 64

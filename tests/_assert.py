@@ -1,4 +1,4 @@
-"""One tolerance helper for every test (STYLE §9).
+"""One tolerance helper for every test.
 
 ``assert_close(name, ref, out, atol=..., rtol=...)`` compares ``out`` to a float64
 reference and, on failure, reports max-abs error, relative RMS error and the worst

@@ -1,4 +1,4 @@
-"""The checker must reject deliberately wrong "kernels" (STYLE §10).
+"""The checker must reject deliberately wrong "kernels".
 
 If ``assert_close`` with the tolerances our tests use let any of these through, the tests
 would be unable to catch the bug each one stands for.
