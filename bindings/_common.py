@@ -25,15 +25,10 @@ def full_head(weight: torch.Tensor, bias: torch.Tensor | None):
     return weight, bias
 
 
-def autocast_off(t: torch.Tensor):
-    """A context with ``torch.autocast`` off for ``t``'s device: the bindings pick the matmul dtype
-    themselves (:func:`compute_dtype`); left on, autocast would also round alignops' PyTorch
-    engine's fp32 tile arithmetic to 16 bits (the entropy then loses ~1e-2)."""
-    return torch.autocast(t.device.type, enabled=False)
-
-
-def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
-    """The matmul dtype: ``torch.autocast``'s when it is on for the device, else ``hidden``'s."""
+def autocast_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The matmul dtype a model layer would use here: ``torch.autocast``'s when it is on for the
+    device, else ``hidden``'s. (alignops' engines switch autocast off inside themselves, so the
+    bindings apply autocast's choice to the operands before the call.)"""
     dev = hidden.device.type
     if torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
@@ -51,9 +46,8 @@ def to_compute(t: torch.Tensor | None, dt: torch.dtype) -> torch.Tensor | None:
 
 def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias, **options):
     """``alignops.linear_logprobs`` of ``hidden [..., H]`` under the head ``weight [V, H]`` /
-    ``bias [V]`` with ``targets [...]``: in the matmul dtype of :func:`compute_dtype` (operands
-    cast by :func:`to_compute`) and with autocast off around the call; ``options``: its keywords."""
-    dt = compute_dtype(hidden)
+    ``bias [V]`` with ``targets [...]``: in the matmul dtype of :func:`autocast_dtype` (operands
+    cast by :func:`to_compute`) ``options``: its keywords."""
+    dt = autocast_dtype(hidden)
     hidden, weight, bias = hidden.to(dt), to_compute(weight, dt), to_compute(bias, dt)
-    with autocast_off(hidden):
-        return alignops.linear_logprobs(hidden, weight, targets, bias=bias, **options)
+    return alignops.linear_logprobs(hidden, weight, targets, bias=bias, **options)

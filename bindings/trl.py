@@ -49,7 +49,7 @@ import torch
 import alignops
 
 from . import _trl_losses
-from ._common import autocast_off, compute_dtype, full_head, head_logprobs, is_dtensor, to_compute
+from ._common import autocast_dtype, full_head, head_logprobs, is_dtensor, to_compute
 from ._trl_losses import LossCalls, count_loss_calls
 
 #: The per-token fields of TRL's ``FusedCausalLMOutput`` the head computes, in its return order.
@@ -197,30 +197,29 @@ def divergence_head(
         c.alignops += 1
     student_weight, student_bias = full_head(student_weight, student_bias)
     teacher_weight, teacher_bias = full_head(teacher_weight, teacher_bias)
-    s_dt, t_dt = compute_dtype(student_hidden), compute_dtype(teacher_hidden)
+    s_dt, t_dt = autocast_dtype(student_hidden), autocast_dtype(teacher_hidden)
     # TRL's head gives the teacher no gradient: its tensors are detached
     teacher_hidden = teacher_hidden.detach().to(t_dt)
     teacher_weight = to_compute(teacher_weight.detach(), t_dt)
     teacher_bias = None if teacher_bias is None else to_compute(teacher_bias.detach(), t_dt)
-    with autocast_off(student_hidden):
-        out = alignops.linear_divergence(
-            student_hidden.to(s_dt),
-            to_compute(student_weight, s_dt),
-            teacher_hidden,
-            teacher_weight,
-            kind="jsd",
-            beta=beta,
-            b_p=to_compute(student_bias, s_dt),
-            b_q=teacher_bias,
-            temperature_p=temperature,
-            temperature_q=temperature,
-            softcap_p=student_final_logit_softcapping,
-            softcap_q=teacher_final_logit_softcapping,
-            logit_scale_p=scales[0],
-            logit_scale_q=scales[1],
-            reduction="none",
-            return_entropy=True,
-        )
+    out = alignops.linear_divergence(
+        student_hidden.to(s_dt),
+        to_compute(student_weight, s_dt),
+        teacher_hidden,
+        teacher_weight,
+        kind="jsd",
+        beta=beta,
+        b_p=to_compute(student_bias, s_dt),
+        b_q=teacher_bias,
+        temperature_p=temperature,
+        temperature_q=temperature,
+        softcap_p=student_final_logit_softcapping,
+        softcap_q=teacher_final_logit_softcapping,
+        logit_scale_p=scales[0],
+        logit_scale_q=scales[1],
+        reduction="none",
+        return_entropy=True,
+    )
     return out.loss, out.entropy.detach()
 
 
